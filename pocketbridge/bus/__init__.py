@@ -1,0 +1,70 @@
+"""Fan-out between connections (and, with Redis, between instances), behind one small interface.
+
+The bus is a wake-up, the store is the truth: an :class:`EventNotice` tells a user's connections
+that ``server_seq`` was committed (carrying the encoded event so the common case needs no read);
+a connection that sees a gap re-reads the missing sequence numbers from the store. Control messages
+carry presence, connection takeover and (later) revocation and account deletion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+import attrs
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+
+@attrs.frozen
+class EventNotice:
+    user_id: str
+    server_seq: int
+    device_id: str  # the sender
+    event_id: str
+    device_seq: int
+    ttl: int | None
+    wire: str  # the encoded `event` message, shared by every recipient
+
+
+@attrs.frozen
+class Control:
+    """A control message for the connections of ``user_id``.
+
+    kinds: ``presence`` (data: the device_status_changed payload), ``takeover`` (a new connection of
+    ``device_id`` was established; others must close), and those added by later features.
+    """
+
+    kind: str
+    user_id: str
+    device_id: str | None = None
+    connection_id: str | None = None
+    data: dict[str, Any] = attrs.field(factory=dict)
+
+
+BusMessage = Union[EventNotice, Control]
+Sink = Callable[[BusMessage], None]
+
+
+class Bus(Protocol):
+    async def run(self, sink: Sink, *, task_status: Any = ...) -> None:
+        """Deliver subscribed users' messages to ``sink`` (never blocking in it) until cancelled."""
+
+    async def subscribe(self, user_id: str) -> None:
+        """Returns once messages for ``user_id`` published from now on will reach the sink."""
+
+    async def unsubscribe(self, user_id: str) -> None: ...
+
+    async def publish(self, messages: Sequence[BusMessage]) -> None:
+        """Publish in order; raises BusUnavailable (delivery then falls back to the store)."""
+
+    async def ping(self) -> None: ...
+
+
+def open_bus(config: Config) -> Bus:
+    if config.bus.backend == "memory":
+        from .memory import MemoryBus
+
+        return MemoryBus()
+    raise NotImplementedError(f"bus backend {config.bus.backend!r} is not available yet")

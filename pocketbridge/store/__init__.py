@@ -1,0 +1,171 @@
+"""Storage: the source of truth, behind one small interface.
+
+Backends: ``sqlite`` (embedded default, :mod:`pocketbridge.store.sqlite`) and ``postgres``.
+Every write goes through one batching writer task (:mod:`pocketbridge.store.writer`): events of many
+connections, device admissions, presence and cursor moves are committed together per transaction,
+so the hot path never pays a store round trip per event. Reads use their own connections.
+
+Errors: a backend raises :class:`~pocketbridge.errors.StoreUnavailable` when it cannot answer in
+time; the gateway maps that to close 1013 and the HTTP side to 503.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import Config
+    from ..protocol.events import NewEvent
+
+
+@attrs.frozen
+class StoredEvent:
+    """An event as committed. ``wire()`` gives exactly the fields relayed and replayed (§5.5)."""
+
+    user_id: str
+    server_seq: int
+    event_id: str
+    device_id: str
+    device_seq: int
+    stream_id: str
+    stream_seq: int
+    type: str
+    encrypted_payload: str
+    payload_size: int
+    ttl: int | None
+    created_at: int
+
+    def wire(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "device_id": self.device_id,
+            "device_seq": self.device_seq,
+            "stream_id": self.stream_id,
+            "stream_seq": self.stream_seq,
+            "type": self.type,
+            "encrypted_payload": self.encrypted_payload,
+        }
+        if self.ttl is not None:
+            payload["ttl"] = self.ttl
+        payload["created_at"] = self.created_at
+        return payload
+
+    def expired(self, now_ms: int) -> bool:
+        return self.ttl is not None and self.ttl <= now_ms
+
+
+@attrs.frozen
+class Device:
+    device_id: str
+    user_id: str
+    bound_key: str
+    device_name: str | None
+    device_type: str | None
+    registered_at: int
+    last_seen: int | None
+    is_online: bool
+    last_ack_device_seq: int
+    delivery_cursor: int
+    revoked_at: int | None
+
+
+class Admit(enum.Enum):
+    OK = "ok"
+    KEY_MISMATCH = "key_mismatch"
+    REVOKED = "revoked"
+    LIMIT = "limit"
+    DELETING = "deleting"
+
+
+@attrs.frozen
+class AdmitRequest:
+    """A verified handshake asking to register or resume device ``device_id`` with key ``key``."""
+
+    key: str
+    device_id: str
+    device_name: str | None
+    device_type: str | None
+    max_devices: int
+
+
+@attrs.frozen
+class Admission:
+    outcome: Admit
+    device: Device | None = None
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"  # same (user, device, device_seq), other event_id
+    REVOKED = "revoked"  # the device was revoked (or moved away) before the commit
+    DELETING = "deleting"  # the user is being deleted
+
+
+@attrs.frozen
+class EventResult:
+    outcome: Outcome
+    event: StoredEvent | None = None
+
+
+@attrs.frozen
+class Page:
+    events: list[StoredEvent]
+    has_more: bool
+
+
+CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
+
+
+class Store(Protocol):
+    """What the rest of the daemon may ask of storage. Keep it narrow."""
+
+    async def run(self, on_commit: CommitHook, *, task_status: Any = ...) -> None:
+        """Open connections, start the writer; ``task_status.started()`` once usable; close on cancel."""
+
+    async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission: ...
+
+    async def append_event(self, event: NewEvent) -> EventResult: ...
+
+    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None: ...
+
+    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
+        """Raise a device's delivery cursor lazily (coalesced, flushed at least once a second)."""
+
+    async def head_seq(self, user_id: str) -> int: ...
+
+    async def count_pending(self, user_id: str, device_id: str, after: int, upto: int, now_ms: int) -> int:
+        """Events of the user in (after, upto] not sent by ``device_id`` and not expired."""
+
+    async def read_events(
+        self,
+        user_id: str,
+        after: int,
+        upto: int,
+        *,
+        exclude_device: str,
+        now_ms: int,
+        limit: int,
+        max_bytes: int,
+    ) -> Page:
+        """Ascending page of the user's events in (after, upto]; at least one event if any."""
+
+    async def get_device(self, device_id: str) -> Device | None: ...
+
+    async def ping(self) -> None:
+        """A round trip; raises StoreUnavailable."""
+
+
+def open_store(config: Config, clock: Clock) -> Store:
+    """The configured backend (not yet running: start it with ``nursery.start(store.run, hook)``)."""
+    if config.storage.backend == "sqlite":
+        from .sqlite import SqliteStore
+
+        return SqliteStore(config, clock)
+    raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available yet")

@@ -1,0 +1,104 @@
+"""The daemon: one trio process, nested nurseries, orderly stop.
+
+``services`` (outer nursery) owns the store and the bus; ``front`` (inner nursery) owns the
+listeners and every connection. Stopping cancels the front first, so sessions tear down (presence,
+cursors) while the store is still there, then the services, whose writer flushes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from . import __version__
+from .bus import EventNotice, open_bus
+from .clock import Clock
+from .config import Config
+from .gateway.context import Gateway, Limits
+from .gateway.server import serve_gateway
+from .gateway.session import event_message
+from .hub import Hub
+from .identity import load_or_create_identity
+from .metrics import Metrics
+from .protocol.handshake import ServerIdentity
+from .store import StoredEvent, open_store
+
+log = logging.getLogger("pocketbridge")
+
+
+@attrs.frozen
+class Running:
+    """What a started daemon tells its caller."""
+
+    ws_port: int
+    ws_url: str
+    identity: ServerIdentity
+    identity_created: bool
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.metrics = Metrics()
+        self.instance_id = config.server.instance_id or secrets.token_hex(4)
+        self.gateway: Gateway | None = None
+        self._front: trio.CancelScope | None = None
+        self._stop_requested = False
+
+    def stop(self) -> None:
+        """Begin an orderly stop (safe to call from any task, any number of times)."""
+        self._stop_requested = True
+        if self._front is not None:
+            self._front.cancel()
+
+    async def run(self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.clock.anchor()
+        identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
+        store = open_store(self.config, self.clock)
+        bus = open_bus(self.config)
+        hub = Hub(bus)
+
+        async def on_commit(events: Sequence[StoredEvent]) -> None:
+            await bus.publish(
+                [
+                    EventNotice(e.user_id, e.server_seq, e.device_id, e.event_id, e.device_seq, e.ttl, event_message(e))
+                    for e in events
+                ]
+            )
+
+        async with trio.open_nursery() as services:
+            await services.start(bus.run, hub.dispatch)
+            await services.start(store.run, on_commit)
+            self.gateway = Gateway(
+                config=self.config, clock=self.clock, identity=identity, store=store, bus=bus, hub=hub,
+                metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,
+            )
+            try:
+                with trio.CancelScope() as front_scope:
+                    self._front = front_scope
+                    if self._stop_requested:
+                        front_scope.cancel()
+                    async with trio.open_nursery() as front:
+                        ws_port = await front.start(serve_gateway, self.gateway)
+                        host = self.config.ws_address()[0]
+                        url = f"ws://{'[' + host + ']' if ':' in host else host}:{ws_port}/ws"
+                        log.info("pocketbridge %s serving %s (instance %s)", __version__, url, self.instance_id)
+                        if handle_signals:
+                            front.start_soon(self._watch_signals)
+                        task_status.started(Running(ws_port, url, identity, created))
+            finally:
+                services.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                self.stop()
+                return

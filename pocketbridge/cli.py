@@ -1,0 +1,116 @@
+"""The ``pocketbridge`` command: serve, keygen, check-config, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .config import Config, describe_problems, load_config
+from .errors import ConfigError, IdentityError, PocketBridgeError
+
+log = logging.getLogger("pocketbridge")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config or os.environ.get("PB_CONFIG") or None)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import Daemon
+
+    config = _load(args)
+    setup_logging(config.log.level)
+    daemon = Daemon(config)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(lambda task_status: daemon.run(handle_signals=True, task_status=task_status))
+            key_note = "created" if running.identity_created else "loaded"
+            print(
+                f"PocketBridge {__version__}\n"
+                f"  WebSocket URL:      {running.ws_url}\n"
+                f"  data directory:     {config.data_dir()}\n"
+                f"  server key ({key_note}): {config.identity_key_path()}\n"
+                f"  server public key:  {running.identity.public_hex}\n"
+                f"  key fingerprint:    {running.identity.fingerprint()}\n"
+                "Press Ctrl+C to stop.",
+                flush=True,
+            )
+
+    trio.run(main)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .identity import write_new_identity
+
+    path = Path(args.out) if args.out else _load(args).identity_key_path()
+    identity = write_new_identity(path)
+    print(f"wrote {path} (mode 0600)\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"configuration OK (storage: {config.storage.backend}, bus: {config.bus.backend}, ws: {config.listen.ws})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocketbridge", description="End-to-end-encrypted multi-device sync relay")
+    parser.add_argument("--version", action="version", version=f"pocketbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", "-c", metavar="FILE", help="TOML config file (default: $PB_CONFIG, else built-in defaults)")
+        return p
+
+    add("serve", "run the daemon").set_defaults(func=cmd_serve)
+    p = add("keygen", "create the server identity key file (refuses to overwrite)")
+    p.add_argument("--out", metavar="FILE", help="write here instead of [server] identity_key_file")
+    p.set_defaults(func=cmd_keygen)
+    add("check-config", "validate the configuration and exit non-zero if it is invalid").set_defaults(
+        func=cmd_check_config
+    )
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pocketbridge: invalid configuration:\n{describe_problems(exc)}", file=sys.stderr)
+        return 2
+    except IdentityError as exc:
+        print(f"pocketbridge: {exc}", file=sys.stderr)
+        return 2
+    except PocketBridgeError as exc:
+        print(f"pocketbridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""One WebSocket connection: its bounded outbox, the single writer task, heartbeat and closing.
+
+Everything the server sends goes through :meth:`Connection.send`, which never blocks: when the
+outbox (bounded by messages and bytes) is full, the connection is closed with 1013 and the client
+catches up by replay. :meth:`Connection.close` records the first close reason and cancels the
+connection's scope; :meth:`Connection.finish` then sends the close frame (shielded, with a timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ..errors import HEARTBEAT_TIMEOUT, TRY_AGAIN, Close
+
+log = logging.getLogger("pocketbridge.gateway")
+
+
+class Outbox:
+    """A send queue bounded by message count and by size (characters of the encoded JSON)."""
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self._send, self._receive = trio.open_memory_channel[str](max_messages)
+        self._max_bytes = max_bytes
+        self.size = 0
+
+    def put(self, message: str) -> bool:
+        if self.size + len(message) > self._max_bytes:
+            return False
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        self.size += len(message)
+        return True
+
+    async def get(self) -> str:
+        message = await self._receive.receive()
+        self.size -= len(message)
+        return message
+
+
+class Connection:
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        peer: str,
+        *,
+        send_queue_messages: int,
+        send_queue_bytes: int,
+        close_timeout: float,
+    ) -> None:
+        self.ws = ws
+        self.peer = peer
+        self.id = secrets.token_hex(8)
+        self.outbox = Outbox(send_queue_messages, send_queue_bytes)
+        self.close_reason: Close | None = None
+        self.closed_by_peer = False
+        self.overflowed = False
+        self._final: str | None = None
+        self._scope: trio.CancelScope | None = None
+        self._close_timeout = close_timeout
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def bind(self, scope: trio.CancelScope) -> None:
+        """The scope that :meth:`close` cancels (the connection's nursery)."""
+        self._scope = scope
+        if self.close_reason is not None or self.closed_by_peer:
+            scope.cancel()
+
+    def send(self, message: str) -> None:
+        if self.close_reason is not None or self.closed_by_peer:
+            return
+        if not self.outbox.put(message):
+            self.overflowed = True
+            self.close(TRY_AGAIN)
+
+    def close(self, reason: Close, final_message: str | None = None) -> None:
+        """Close with ``reason`` (first call wins), optionally sending ``final_message`` just before."""
+        if self.close_reason is None and not self.closed_by_peer:
+            self.close_reason = reason
+            self._final = final_message
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def peer_closed(self) -> None:
+        self.closed_by_peer = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run_writer(self) -> None:
+        try:
+            while True:
+                await self.ws.send_message(await self.outbox.get())
+        except ConnectionClosed:
+            self.peer_closed()
+
+    async def run_heartbeat(self, interval: float, timeout: float) -> None:
+        """Protocol pings; no pong within ``timeout`` closes with 1008 ``Heartbeat timeout``."""
+        try:
+            while True:
+                await trio.sleep(interval)
+                with trio.move_on_after(timeout) as scope:
+                    await self.ws.ping(secrets.token_bytes(8))
+                if scope.cancelled_caught:
+                    self.close(HEARTBEAT_TIMEOUT)
+                    return
+        except ConnectionClosed:
+            self.peer_closed()
+
+    async def finish(self) -> None:
+        """Send the final message and the close frame; never raises, never outlives close_timeout."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
+            try:
+                if self.close_reason is not None and not self.closed_by_peer:
+                    if self._final is not None:
+                        await self.ws.send_message(self._final)
+                    await self.ws.aclose(self.close_reason.code, self.close_reason.reason)
+                else:
+                    await self.ws.aclose()
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass

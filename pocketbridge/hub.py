@@ -1,0 +1,79 @@
+"""Who is connected to this instance: user -> live sessions, device -> its one live session.
+
+The hub subscribes to a user's fan-out while it has at least one session of that user here, and
+hands every bus message to that user's sessions. Handing over never blocks: a session queues what
+it sends in its own bounded outbox (and is closed with 1013 when that is full).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from .bus import Bus, BusMessage, Control
+
+
+class Member(Protocol):
+    user_id: str
+    device_id: str
+    connection_id: str
+
+    def on_bus(self, message: BusMessage) -> None: ...
+
+    def replaced(self) -> None: ...
+
+
+class Hub:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._users: dict[str, set[Member]] = {}
+        self._devices: dict[str, Member] = {}
+        self._subscription_lock = trio.Lock()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._devices)
+
+    def user_sessions(self, user_id: str) -> frozenset[Member]:
+        return frozenset(self._users.get(user_id, ()))
+
+    async def attach(self, member: Member) -> None:
+        """Subscribe to the member's user (first one here), then close the device's older session."""
+        async with self._subscription_lock:
+            if member.user_id not in self._users:
+                await self._bus.subscribe(member.user_id)
+                self._users[member.user_id] = set()
+            self._users[member.user_id].add(member)
+        previous = self._devices.get(member.device_id)
+        self._devices[member.device_id] = member
+        if previous is not None and previous is not member:
+            previous.replaced()
+
+    async def detach(self, member: Member) -> None:
+        """Forget the member; touches nothing that belongs to a newer session of the same device."""
+        if self._devices.get(member.device_id) is member:
+            del self._devices[member.device_id]
+        members = self._users.get(member.user_id)
+        if members is None:
+            return
+        members.discard(member)
+        if not members:
+            async with self._subscription_lock:
+                if not self._users.get(member.user_id):
+                    self._users.pop(member.user_id, None)
+                    await self._bus.unsubscribe(member.user_id)
+
+    def dispatch(self, message: BusMessage) -> None:
+        if isinstance(message, Control) and message.kind == "takeover":
+            if message.device_id is not None and message.connection_id is not None:
+                self.takeover(message.device_id, message.connection_id)
+            return
+        for member in tuple(self._users.get(message.user_id, ())):
+            member.on_bus(message)
+
+    def takeover(self, device_id: str, connection_id: str) -> None:
+        """A newer connection of ``device_id`` was established elsewhere: close ours."""
+        member = self._devices.get(device_id)
+        if member is not None and member.connection_id != connection_id:
+            member.replaced()

@@ -1,0 +1,42 @@
+"""The daemon's Prometheus metrics (one registry per daemon; bounded label sets only).
+
+Never label by user, device or error text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connections_open = Gauge("pocketbridge_connections_open", "Open WebSocket connections", registry=r)
+        self.sessions_open = Gauge("pocketbridge_sessions_open", "Established sessions on this instance", registry=r)
+        self.handshakes = Counter(
+            "pocketbridge_handshakes", "Handshakes by outcome", ["outcome"], registry=r
+        )
+        self.closes = Counter("pocketbridge_closes", "Connections closed by the server, by close code", ["code"], registry=r)
+        self.events = Counter(
+            "pocketbridge_events", "Client events by outcome (stored, duplicate, rejected, conflict)", ["outcome"], registry=r
+        )
+        self.events_relayed = Counter("pocketbridge_events_relayed", "Events relayed live to a connection", registry=r)
+        self.delivery_latency = Histogram(
+            "pocketbridge_delivery_latency_seconds",
+            "Commit to enqueue on a recipient's connection",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.gap_fills = Counter("pocketbridge_gap_fills", "Live gaps filled from the store", registry=r)
+        self.replay_pages = Counter("pocketbridge_replay_pages", "Replay pages served", registry=r)
+        self.replay_events = Counter("pocketbridge_replay_events", "Events served by replay", registry=r)
+        self.replay_full_resync = Counter("pocketbridge_replay_full_resync", "full_resync_required sent", registry=r)
+        self.replay_failed = Counter("pocketbridge_replay_failed", "Replays that failed (store)", registry=r)
+        self.invalid_tokens = Counter("pocketbridge_replay_invalid_tokens", "Continuation tokens ignored", registry=r)
+        self.send_overflow = Counter(
+            "pocketbridge_send_buffer_overflow_closes", "Connections closed because their send queue was full", registry=r
+        )
+        self.unknown_messages = Counter("pocketbridge_unknown_messages", "Messages of unknown type ignored", registry=r)
+        self.rate_limited = Counter("pocketbridge_rate_limited", "Rate-limit rejections by limit", ["limit"], registry=r)
+        self.scratchpad_dropped = Counter("pocketbridge_scratchpad_dropped", "scratchpad_sync messages dropped", registry=r)
+        self.store_queue = Gauge("pocketbridge_store_writer_queue", "Write operations waiting or in flight", registry=r)

@@ -1,0 +1,352 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+All writes go through the batching writer (one connection, used by one thread at a time); reads use
+a small pool of read-only connections. The schema carries a version so later releases can migrate it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from ..clock import Clock
+from ..config import Config
+from ..errors import StoreUnavailable
+from ..protocol.events import NewEvent
+from ..protocol.handshake import dedupe_device_name
+from . import (
+    Admission,
+    Admit,
+    AdmitRequest,
+    CommitHook,
+    Device,
+    EventResult,
+    Outcome,
+    Page,
+    StoredEvent,
+)
+from .writer import BatchWriter, Op
+
+log = logging.getLogger("pocketbridge.store")
+
+SCHEMA_VERSION = 1
+READ_CONNECTIONS = 3
+T = TypeVar("T")
+
+_EVENT_COLUMNS = (
+    "user_id, server_seq, event_id, device_id, device_seq, stream_id, stream_seq, type, "
+    "encrypted_payload, payload_size, ttl, created_at"
+)
+_DEVICE_COLUMNS = (
+    "device_id, user_id, bound_key, device_name, device_type, registered_at, last_seen, is_online, "
+    "last_ack_device_seq, delivery_cursor, revoked_at"
+)
+# A conservative estimate of an event's encoded size beyond its payload (ids, keys, numbers).
+EVENT_OVERHEAD_BYTES = 400
+
+
+def _device(row: Sequence[Any]) -> Device:
+    return Device(*row[:7], bool(row[7]), *row[8:])
+
+
+class SqliteStore:
+    def __init__(self, config: Config, clock: Clock) -> None:
+        self._path = config.sqlite_path()
+        self._synchronous = config.storage.sqlite_synchronous.upper()
+        self._clock = clock
+        self._writer = BatchWriter(
+            self._apply_batch,
+            batch_size=config.storage.batch_size,
+            op_timeout=config.storage.op_timeout,
+            clock=clock,
+        )
+        self._w: sqlite3.Connection | None = None
+        self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _connect(self, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def _open(self) -> None:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = not Path(self._path).exists()
+        self._w = self._connect(readonly=False)
+        if new:
+            os.chmod(self._path, 0o600)
+        migrate(self._w)
+        # One process owns the file: nobody is online before we accept connections.
+        self._w.execute("UPDATE devices SET is_online = 0, connection_id = NULL WHERE is_online = 1")
+        for _ in range(READ_CONNECTIONS):
+            self._pool_send.send_nowait(self._connect(readonly=True))
+
+    def _close(self) -> None:
+        while True:
+            try:
+                self._pool_receive.receive_nowait().close()
+            except trio.WouldBlock:
+                break
+        if self._w is not None:
+            self._w.close()
+
+    async def run(self, on_commit: CommitHook, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await trio.to_thread.run_sync(self._open)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the SQLite database {self._path}: {exc}") from exc
+        try:
+            task_status.started()
+            await self._writer.run(on_commit)
+        finally:
+            self._close()
+
+    # --- writes ----------------------------------------------------------------------------------
+    async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission:
+        return await self._writer.submit("admit", request)  # type: ignore[no-any-return]
+
+    async def append_event(self, event: NewEvent) -> EventResult:
+        return await self._writer.submit("event", event)  # type: ignore[no-any-return]
+
+    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None:
+        await self._writer.submit("presence", device_id, connection_id, online)
+
+    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
+        self._writer.note_cursor(device_id, user_id, cursor)
+
+    def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
+        c = self._w
+        assert c is not None
+        stored: list[StoredEvent] = []
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                c.execute("SAVEPOINT op")
+                try:
+                    op.result = getattr(self, f"_w_{op.kind}")(c, now_ms, *op.args)
+                except sqlite3.Error as exc:
+                    c.execute("ROLLBACK TO op")
+                    log.error("store operation %s failed: %s", op.kind, type(exc).__name__)
+                    op.error = StoreUnavailable(f"store operation {op.kind} failed")
+                c.execute("RELEASE op")
+                if op.kind == "event" and op.result is not None and op.result.outcome is Outcome.STORED:
+                    stored.append(op.result.event)
+            c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise StoreUnavailable(f"commit failed: {type(exc).__name__}") from exc
+        return stored
+
+    def _w_admit(self, c: sqlite3.Connection, now_ms: int, req: AdmitRequest) -> Admission:
+        row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (req.device_id,)).fetchone()
+        owner = req.key if row is None else row[1]
+        deleting = c.execute("SELECT deleting FROM users WHERE user_id = ?", (owner,)).fetchone()
+        if deleting is not None and deleting[0]:
+            return Admission(Admit.DELETING)
+        if row is not None:
+            device = _device(row)
+            if device.bound_key != req.key:
+                return Admission(Admit.KEY_MISMATCH)
+            if device.revoked_at is not None:
+                return Admission(Admit.REVOKED)
+            name = device.device_name
+            if not name and req.device_name:
+                name = dedupe_device_name(req.device_name, self._taken_names(c, device.user_id))
+            dtype = req.device_type or device.device_type
+            c.execute(
+                "UPDATE devices SET device_name = ?, device_type = ? WHERE device_id = ?",
+                (name, dtype, device.device_id),
+            )
+            return Admission(Admit.OK, attrs.evolve(device, device_name=name, device_type=dtype))
+        (count,) = c.execute(
+            "SELECT count(*) FROM devices WHERE user_id = ? AND revoked_at IS NULL", (req.key,)
+        ).fetchone()
+        if count >= req.max_devices:
+            return Admission(Admit.LIMIT)
+        c.execute("INSERT OR IGNORE INTO users (user_id, created_at) VALUES (?, ?)", (req.key, now_ms))
+        name = dedupe_device_name(req.device_name, self._taken_names(c, req.key)) if req.device_name else None
+        c.execute(
+            "INSERT INTO devices (device_id, user_id, bound_key, device_name, device_type, registered_at, last_seen)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms),
+        )
+        return Admission(
+            Admit.OK,
+            Device(req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms, False, 0, 0, None),
+        )
+
+    @staticmethod
+    def _taken_names(c: sqlite3.Connection, user_id: str) -> set[str]:
+        rows = c.execute(
+            "SELECT device_name FROM devices WHERE user_id = ? AND revoked_at IS NULL AND device_name IS NOT NULL",
+            (user_id,),
+        )
+        return {r[0] for r in rows}
+
+    def _w_event(self, c: sqlite3.Connection, now_ms: int, ev: NewEvent) -> EventResult:
+        dev = c.execute(
+            "SELECT d.user_id, d.revoked_at, u.deleting FROM devices d JOIN users u ON u.user_id = d.user_id"
+            " WHERE d.device_id = ?",
+            (ev.device_id,),
+        ).fetchone()
+        if dev is None or dev[0] != ev.user_id or dev[1] is not None:
+            return EventResult(Outcome.REVOKED)
+        if dev[2]:
+            return EventResult(Outcome.DELETING)
+        same_seq = c.execute(
+            "SELECT event_id FROM events WHERE user_id = ? AND device_id = ? AND device_seq = ?",
+            (ev.user_id, ev.device_id, ev.device_seq),
+        ).fetchone()
+        if same_seq is not None:
+            return EventResult(Outcome.DUPLICATE if same_seq[0] == ev.event_id else Outcome.CONFLICT)
+        if c.execute(
+            "SELECT 1 FROM events WHERE user_id = ? AND event_id = ?", (ev.user_id, ev.event_id)
+        ).fetchone():
+            return EventResult(Outcome.DUPLICATE)
+        (server_seq,) = c.execute(
+            "UPDATE users SET server_seq = server_seq + 1, last_activity = ? WHERE user_id = ? RETURNING server_seq",
+            (now_ms, ev.user_id),
+        ).fetchone()
+        (stream_seq,) = c.execute(
+            "INSERT INTO streams (user_id, stream_id, last_seq) VALUES (?, ?, 1)"
+            " ON CONFLICT (user_id, stream_id) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+            (ev.user_id, ev.stream_id),
+        ).fetchone()
+        stored = StoredEvent(
+            ev.user_id, server_seq, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, stream_seq,
+            ev.type, ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms,
+        )
+        c.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", stored_row(stored))
+        c.execute(
+            "UPDATE devices SET last_ack_device_seq = max(last_ack_device_seq, ?) WHERE device_id = ?",
+            (ev.device_seq, ev.device_id),
+        )
+        return EventResult(Outcome.STORED, stored)
+
+    def _w_presence(self, c: sqlite3.Connection, now_ms: int, device_id: str, conn_id: str, online: bool) -> None:
+        if online:
+            c.execute(
+                "UPDATE devices SET is_online = 1, connection_id = ?, last_seen = ? WHERE device_id = ?",
+                (conn_id, now_ms, device_id),
+            )
+        else:
+            c.execute(
+                "UPDATE devices SET is_online = 0, connection_id = NULL, last_seen = ?"
+                " WHERE device_id = ? AND connection_id = ?",
+                (now_ms, device_id, conn_id),
+            )
+
+    def _w_cursors(self, c: sqlite3.Connection, now_ms: int, cursors: dict[str, tuple[str, int]]) -> None:
+        c.executemany(
+            "UPDATE devices SET delivery_cursor = max(delivery_cursor, ?) WHERE device_id = ? AND user_id = ?",
+            [(cursor, device_id, user_id) for device_id, (user_id, cursor) in cursors.items()],
+        )
+
+    # --- reads -----------------------------------------------------------------------------------
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = await self._pool_receive.receive()
+        try:
+            return await trio.to_thread.run_sync(fn, conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"read failed: {type(exc).__name__}") from exc
+        finally:
+            self._pool_send.send_nowait(conn)
+
+    async def head_seq(self, user_id: str) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT server_seq FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(q)
+
+    async def count_pending(self, user_id: str, device_id: str, after: int, upto: int, now_ms: int) -> int:
+        def q(c: sqlite3.Connection) -> int:
+            (n,) = c.execute(
+                "SELECT count(*) FROM events WHERE user_id = ? AND server_seq > ? AND server_seq <= ?"
+                " AND device_id <> ? AND (ttl IS NULL OR ttl > ?)",
+                (user_id, after, upto, device_id, now_ms),
+            ).fetchone()
+            return int(n)
+
+        return await self._read(q)
+
+    async def read_events(
+        self, user_id: str, after: int, upto: int, *, exclude_device: str, now_ms: int, limit: int, max_bytes: int
+    ) -> Page:
+        def q(c: sqlite3.Connection) -> Page:
+            cur = c.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE user_id = ? AND server_seq > ? AND server_seq <= ?"
+                " AND device_id <> ? AND (ttl IS NULL OR ttl > ?) ORDER BY server_seq LIMIT ?",
+                (user_id, after, upto, exclude_device, now_ms, limit + 1),
+            )
+            return paginate(cur, limit, max_bytes)
+
+        return await self._read(q)
+
+    async def get_device(self, device_id: str) -> Device | None:
+        def q(c: sqlite3.Connection) -> Device | None:
+            row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            return _device(row) if row else None
+
+        return await self._read(q)
+
+    async def ping(self) -> None:
+        await self._read(lambda c: c.execute("SELECT 1").fetchone())
+
+
+def stored_row(e: StoredEvent) -> tuple[Any, ...]:
+    return (
+        e.user_id, e.server_seq, e.event_id, e.device_id, e.device_seq, e.stream_id, e.stream_seq,
+        e.type, e.encrypted_payload, e.payload_size, e.ttl, e.created_at,
+    )
+
+
+def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
+    """Fill a page from ascending event rows (fetched with LIMIT limit + 1), within ``max_bytes``."""
+    events: list[StoredEvent] = []
+    size = 0
+    for row in rows:
+        event = StoredEvent(*row)
+        cost = len(event.encrypted_payload) + EVENT_OVERHEAD_BYTES
+        if len(events) >= limit or (events and size + cost > max_bytes):
+            return Page(events, True)
+        events.append(event)
+        size += cost
+    return Page(events, False)
+
+
+def migrate(c: sqlite3.Connection) -> None:
+    """Create or upgrade the schema; refuse a database written by a newer release."""
+    has_meta = c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    version = 0
+    if has_meta:
+        row = c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"the database has schema version {version}, newer than this release ({SCHEMA_VERSION}); upgrade pocketbridge"
+        )
+    if version < SCHEMA_VERSION:
+        script = resources.files(__package__).joinpath("sqlite_schema.sql").read_text()
+        c.executescript(script)
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )

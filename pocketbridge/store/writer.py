@@ -1,0 +1,130 @@
+"""The batching writer shared by the store backends.
+
+Callers submit small write operations and await their result; one task drains the queue into
+batches and hands each batch to the backend's ``apply_batch`` in a worker thread, where the whole
+batch is one transaction (each operation in its own savepoint). After the commit, the stored events
+go to the commit hook (fan-out) in commit order, then every caller is woken. Delivery-cursor moves
+are coalesced here and written at most once a second, plus once at shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+
+from ..clock import Clock
+from ..errors import StoreUnavailable
+from . import CommitHook, StoredEvent
+
+log = logging.getLogger("pocketbridge.store")
+
+CURSOR_FLUSH_INTERVAL = 1.0
+
+
+class Op:
+    """One write operation: ``kind`` names the backend handler, ``args`` its arguments."""
+
+    __slots__ = ("kind", "args", "result", "error", "done")
+
+    def __init__(self, kind: str, args: tuple[Any, ...]) -> None:
+        self.kind = kind
+        self.args = args
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+# apply_batch(ops, now_ms) runs in a worker thread, sets op.result / op.error on each operation and
+# returns the events it stored, in commit order. It raises only when the whole batch failed.
+ApplyBatch = Callable[[Sequence[Op], int], list[StoredEvent]]
+
+
+class BatchWriter:
+    def __init__(self, apply_batch: ApplyBatch, *, batch_size: int, op_timeout: float, clock: Clock) -> None:
+        self._apply_batch = apply_batch
+        self._batch_size = batch_size
+        self._op_timeout = op_timeout
+        self._clock = clock
+        self._send, self._receive = trio.open_memory_channel[Op](batch_size * 4)
+        self._cursors: dict[str, tuple[str, int]] = {}
+        self._last_cursor_flush = 0.0
+        self.queued = 0  # operations waiting or in flight (a gauge for metrics)
+
+    async def submit(self, kind: str, *args: Any) -> Any:
+        """Queue one operation and wait for its commit; StoreUnavailable after ``op_timeout``."""
+        op = Op(kind, args)
+        self.queued += 1
+        try:
+            with trio.move_on_after(self._op_timeout):
+                await self._send.send(op)
+                await op.done.wait()
+        finally:
+            self.queued -= 1
+        if not op.done.is_set():
+            raise StoreUnavailable("store write timed out")
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
+        known = self._cursors.get(device_id)
+        if known is None or known[0] != user_id or known[1] < cursor:
+            self._cursors[device_id] = (user_id, cursor)
+
+    def _take_cursors(self, force: bool) -> Op | None:
+        now = trio.current_time()
+        if not self._cursors or (not force and now - self._last_cursor_flush < CURSOR_FLUSH_INTERVAL):
+            return None
+        self._last_cursor_flush = now
+        cursors, self._cursors = self._cursors, {}
+        return Op("cursors", (cursors,))
+
+    async def run(self, on_commit: CommitHook) -> None:
+        try:
+            while True:
+                batch: list[Op] = []
+                with trio.move_on_after(CURSOR_FLUSH_INTERVAL):
+                    batch.append(await self._receive.receive())
+                while len(batch) < self._batch_size:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                cursor_op = self._take_cursors(force=False)
+                if cursor_op is not None:
+                    batch.append(cursor_op)
+                if batch:
+                    await self._commit(batch, on_commit)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
+                cursor_op = self._take_cursors(force=True)
+                if cursor_op is not None:
+                    await self._commit([cursor_op], on_commit)
+
+    async def _commit(self, batch: list[Op], on_commit: CommitHook) -> None:
+        now_ms = self._clock.now_ms()
+        stored: list[StoredEvent] = []
+        try:
+            stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+        except StoreUnavailable as exc:
+            self._fail(batch, exc)
+        except Exception:
+            log.exception("store batch failed")
+            self._fail(batch, StoreUnavailable("store batch failed"))
+        if stored:
+            try:
+                await on_commit(stored)
+            except Exception:
+                # Fan-out is the fast path only: receivers find the events by replay or gap fill.
+                log.exception("commit hook failed for %d events", len(stored))
+        for op in batch:
+            op.done.set()
+
+    @staticmethod
+    def _fail(batch: Sequence[Op], exc: BaseException) -> None:
+        for op in batch:
+            op.result = None
+            op.error = exc
