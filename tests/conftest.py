@@ -52,3 +52,13 @@ async def daemon(config_factory: Callable[..., Config]) -> AsyncIterator[Running
     """A running daemon with default settings; yields its ``Running`` (ws_url, identity …)."""
     async with run_daemon(config_factory()) as (_, running):
         yield running
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
+    """Under CI=true a skipped PostgreSQL or Redis test is a failure, not a pass."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and any(any(item.iter_markers(name)) for name in ("postgres", "redis")):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: skipped under CI=true ({report.longrepr}); PostgreSQL/Redis tests must run in CI"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import unicodedata
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ DEVICE_TYPES = frozenset({"mobile", "desktop", "web"})
 MAX_DEVICE_NAME = 50
 TOKEN_KEY_INFO = b"pocketbridge continuation-token v1"
 _SESSION_INFOS = (b"pocketbridge_client_to_server_v1", b"pocketbridge_server_to_client_v1", b"pocketbridge_session_v1")
+_NAME_DROP_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff<>]")  # Unicode Cc and Cs, and markup
 _NUMBERED_RE = re.compile(r"(.*) \(([0-9]+)\)", re.DOTALL)
 _AUTH_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
     ("user_id", lambda v: is_hex(v, 64)),
@@ -117,8 +117,7 @@ def sanitize_device_name(name: object) -> str | None:
     """The lenient handshake rule: drop Cc/Cs and ``<>``, trim, cut to 50 code points, trim; empty → None."""
     if not isinstance(name, str):
         return None
-    kept = "".join(ch for ch in name if ch not in "<>" and unicodedata.category(ch) not in ("Cc", "Cs"))
-    return kept.strip()[:MAX_DEVICE_NAME].strip() or None
+    return _NAME_DROP_RE.sub("", name).strip()[:MAX_DEVICE_NAME].strip() or None
 
 
 def dedupe_device_name(name: str, taken: Collection[str]) -> str:

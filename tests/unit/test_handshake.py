@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import sys
+import unicodedata
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pocketbridge.errors import INVALID_SIGNATURE, ProtocolClose, missing_or_invalid
 from pocketbridge.protocol import (
@@ -382,3 +386,18 @@ def test_dedupe_device_name(name: str, taken: list[str], expected: str) -> None:
     assert result == expected
     assert len(result) <= 50
     assert result == name or result not in taken
+
+
+def _reference_sanitize(name: str) -> str | None:
+    kept = "".join(ch for ch in name if ch not in "<>" and unicodedata.category(ch) not in ("Cc", "Cs"))
+    return kept.strip()[:50].strip() or None
+
+
+def test_sanitize_removes_every_cc_and_cs_code_point() -> None:
+    dropped = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cs"))
+    assert sanitize_device_name(f"A{dropped}<>B") == "AB"
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=[]), max_size=80))
+def test_sanitize_matches_the_category_rule(name: str) -> None:
+    assert sanitize_device_name(name) == _reference_sanitize(name)
