@@ -25,6 +25,7 @@ from .gateway.server import serve_gateway
 from .gateway.session import event_message
 from .hub import Hub
 from .identity import load_or_create_identity
+from .maintenance import run_purger
 from .metrics import Metrics
 from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
@@ -76,6 +77,7 @@ class Daemon:
         async with trio.open_nursery() as services:
             await services.start(bus.run, hub.dispatch)
             await services.start(store.run, on_commit)
+            services.start_soon(run_purger, store, self.config)
             self.gateway = Gateway(
                 config=self.config, clock=self.clock, identity=identity, store=store, bus=bus, hub=hub,
                 metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,

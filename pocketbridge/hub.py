@@ -38,13 +38,27 @@ class Hub:
     def user_sessions(self, user_id: str) -> frozenset[Member]:
         return frozenset(self._users.get(user_id, ()))
 
+    async def _join(self, member: Member, user_id: str) -> None:
+        async with self._subscription_lock:
+            if user_id not in self._users:
+                await self._bus.subscribe(user_id)
+                self._users[user_id] = set()
+            self._users[user_id].add(member)
+
+    async def _leave(self, member: Member, user_id: str) -> None:
+        members = self._users.get(user_id)
+        if members is None:
+            return
+        members.discard(member)
+        if not members:
+            async with self._subscription_lock:
+                if not self._users.get(user_id):
+                    self._users.pop(user_id, None)
+                    await self._bus.unsubscribe(user_id)
+
     async def attach(self, member: Member) -> None:
         """Subscribe to the member's user (first one here), then close the device's older session."""
-        async with self._subscription_lock:
-            if member.user_id not in self._users:
-                await self._bus.subscribe(member.user_id)
-                self._users[member.user_id] = set()
-            self._users[member.user_id].add(member)
+        await self._join(member, member.user_id)
         previous = self._devices.get(member.device_id)
         self._devices[member.device_id] = member
         if previous is not None and previous is not member:
@@ -54,15 +68,12 @@ class Hub:
         """Forget the member; touches nothing that belongs to a newer session of the same device."""
         if self._devices.get(member.device_id) is member:
             del self._devices[member.device_id]
-        members = self._users.get(member.user_id)
-        if members is None:
-            return
-        members.discard(member)
-        if not members:
-            async with self._subscription_lock:
-                if not self._users.get(member.user_id):
-                    self._users.pop(member.user_id, None)
-                    await self._bus.unsubscribe(member.user_id)
+        await self._leave(member, member.user_id)
+
+    async def move(self, member: Member, old_user_id: str) -> None:
+        """The member's device was paired into ``member.user_id``: subscribe there, then leave the old user."""
+        await self._join(member, member.user_id)
+        await self._leave(member, old_user_id)
 
     def dispatch(self, message: BusMessage) -> None:
         if isinstance(message, Control) and message.kind == "takeover":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import trio
 
@@ -35,6 +37,58 @@ class KeyedBuckets:
 
     def retry_after(self, key: str, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens are available for ``key``."""
+        return max(0.0, (cost - self.available(key)) / self._rate)
+
+    def available(self, key: str) -> float:
+        """Tokens ``key`` has now (without spending any)."""
         tokens, stamp = self._buckets.get(key, (self._burst, trio.current_time()))
-        tokens = min(self._burst, tokens + (trio.current_time() - stamp) * self._rate)
-        return max(0.0, (cost - tokens) / self._rate)
+        return min(self._burst, tokens + (trio.current_time() - stamp) * self._rate)
+
+
+class Counter:
+    """Live counts per key (e.g. open connections per address); keys at zero are dropped."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def get(self, key: str) -> int:
+        return self._counts.get(key, 0)
+
+    def add(self, key: str) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def remove(self, key: str) -> None:
+        left = self._counts.get(key, 0) - 1
+        if left > 0:
+            self._counts[key] = left
+        else:
+            self._counts.pop(key, None)
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    return tuple(ip_network(entry, strict=False) for entry in entries)
+
+
+def _trusted(address: str, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    try:
+        ip = ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def peer_address(
+    socket_peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPv4Network | IPv6Network]
+) -> str:
+    """The address limits are keyed on (§9): the socket's peer, unless that is a trusted proxy;
+    then the rightmost ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
+    if not trusted or not _trusted(socket_peer, trusted):
+        return socket_peer
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            try:
+                return str(ip_address(hop.strip("[]")))
+            except ValueError:
+                return socket_peer  # a garbled header from a trusted proxy: fall back to the proxy
+    return socket_peer

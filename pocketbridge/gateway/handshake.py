@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from trio_websocket import WebSocketConnection
 
 from ..errors import (
     DEVICE_KEY_MISMATCH,
@@ -10,6 +9,7 @@ from ..errors import (
     DEVICE_REVOKED,
     EXPECTED_AUTH,
     EXPECTED_HELLO,
+    TOO_MANY_HANDSHAKES,
     TRY_AGAIN,
     Close,
     ProtocolClose,
@@ -17,7 +17,7 @@ from ..errors import (
 from ..protocol.envelope import Message, encode, parse_frame
 from ..protocol.handshake import ServerHandshake, parse_client_auth, parse_client_hello
 from ..store import Admit, AdmitRequest, Device
-from .connection import Connection
+from .connection import Connection, Socket
 from .context import Gateway
 
 _REFUSALS: dict[Admit, Close] = {
@@ -28,7 +28,7 @@ _REFUSALS: dict[Admit, Close] = {
 }
 
 
-async def _next(ws: WebSocketConnection, expected: str, step: Close) -> Message:
+async def _next(ws: Socket, expected: str, step: Close) -> Message:
     msg = parse_frame(await ws.get_message())
     if msg.type != expected:
         raise ProtocolClose(step)
@@ -41,7 +41,11 @@ async def perform_handshake(gw: Gateway, conn: Connection) -> tuple[Device, str]
     Raises ProtocolClose with the spec's close for every refusal, StoreUnavailable when the store
     does not answer, trio_websocket.ConnectionClosed when the peer goes away.
     """
-    hello = parse_client_hello(await _next(conn.ws, "client_hello", EXPECTED_HELLO))
+    hello_message = await _next(conn.ws, "client_hello", EXPECTED_HELLO)
+    if not gw.limits.handshakes_per_ip.take(conn.peer):
+        gw.metrics.rate_limited.labels("handshakes_per_ip").inc()
+        raise ProtocolClose(TOO_MANY_HANDSHAKES)
+    hello = parse_client_hello(hello_message)
     handshake = ServerHandshake(gw.identity, hello)
     conn.send(encode(handshake.server_hello()))
     auth = parse_client_auth(await _next(conn.ws, "client_auth", EXPECTED_AUTH))

@@ -7,15 +7,20 @@ from functools import partial
 from typing import Any
 
 import trio
-import wsproto
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-from trio_websocket._impl import CloseReason  # noqa: PLC2701  (pinned trio-websocket 0.12)
+from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
-from ..errors import HANDSHAKE_TIMEOUT, INTERNAL_ERROR, MESSAGE_TOO_BIG, TRY_AGAIN, ProtocolClose, StoreUnavailable
+from ..errors import (
+    HANDSHAKE_TIMEOUT,
+    INTERNAL_ERROR,
+    TOO_MANY_CONNECTIONS,
+    TRY_AGAIN,
+    ProtocolClose,
+    StoreUnavailable,
+)
+from ..limits import peer_address
 from ..protocol.envelope import parse_frame
-from .connection import Connection
+from .connection import Connection, Socket
 from .context import Gateway
 from .handshake import perform_handshake
 from .session import Session
@@ -23,25 +28,6 @@ from .session import Session
 log = logging.getLogger("pocketbridge.gateway")
 
 RECEIVE_BUFFER = 4096
-
-
-class _Socket(WebSocketConnection):
-    """trio-websocket's connection, with the spec's 1009 reason and the size counted in bytes."""
-
-    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:  # type: ignore[override]
-        data = event.data
-        size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-        if self._message_size + size > self._max_message_size:
-            self._message_size = 0
-            self._message_parts = []
-            self._close_reason = CloseReason(MESSAGE_TOO_BIG.code, MESSAGE_TOO_BIG.reason)
-            await self._send(CloseConnection(code=MESSAGE_TOO_BIG.code, reason=MESSAGE_TOO_BIG.reason))
-            await self._recv_channel.aclose()
-            self._reader_running = False
-            return
-        # the parent adds len(data) itself; pre-charge the difference between bytes and characters
-        self._message_size += size - len(data)
-        await super()._handle_message_event(event)
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -63,11 +49,10 @@ async def handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
 
 
 async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
-    """HTTP upgrade on /ws, then the WebSocket session, all in one nursery."""
+    """HTTP upgrade on /ws, per-address admission, then the WebSocket session, in one nursery."""
     cfg = gw.config.ws
-    peer = _peer(stream)
     async with trio.open_nursery() as nursery:
-        ws = _Socket(
+        ws = Socket(
             stream,
             WSConnection(ConnectionType.SERVER),
             message_queue_size=1,
@@ -85,15 +70,28 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
             if request.path.split("?", 1)[0] != "/ws":
                 await request.reject(404)
                 return
+            forwarded = [v.decode("latin-1") for k, v in request.headers if k.lower() == b"x-forwarded-for"]
+            peer = peer_address(_peer(stream), forwarded, gw.limits.trusted_proxies)
             await request.accept()
-            await serve_websocket(gw, ws, peer)
+            limits = gw.limits
+            over = limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
+            if over or not limits.connects_per_ip.take(peer):
+                gw.metrics.rate_limited.labels("ws_connections_per_ip" if over else "ws_connects_per_ip").inc()
+                with trio.move_on_after(cfg.close_timeout):
+                    await ws.aclose(TOO_MANY_CONNECTIONS.code, TOO_MANY_CONNECTIONS.reason)
+                return
+            limits.connections_per_ip.add(peer)
+            try:
+                await serve_websocket(gw, ws, peer)
+            finally:
+                limits.connections_per_ip.remove(peer)
         except ConnectionClosed:
             pass
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def serve_websocket(gw: Gateway, ws: WebSocketConnection, peer: str) -> None:
+async def serve_websocket(gw: Gateway, ws: Socket, peer: str) -> None:
     cfg = gw.config.ws
     conn = Connection(
         ws, peer,
@@ -112,13 +110,11 @@ async def serve_websocket(gw: Gateway, ws: WebSocketConnection, peer: str) -> No
                     device, wire_device_id = await perform_handshake(gw, conn)
                 if handshake_scope.cancelled_caught:
                     raise ProtocolClose(HANDSHAKE_TIMEOUT)
-                session = Session(gw, conn, device, wire_device_id)
+                session = Session(gw, conn, device, wire_device_id, nursery)
                 await session.establish()
                 gw.metrics.handshakes.labels("ok").inc()
-                log.info("session %s established for device %s", conn.short_id, session.short)
-                nursery.start_soon(conn.run_heartbeat, cfg.ping_interval, cfg.pong_timeout)
-                nursery.start_soon(session.run_gap_filler)
-                nursery.start_soon(session.run_expiry)
+                log.info("connection %s: session established for device %s", conn.short_id, session.short)
+                nursery.start_soon(session.run_timers)
                 while True:
                     await session.handle(parse_frame(await ws.get_message()))
             except ProtocolClose as exc:

@@ -19,12 +19,16 @@ import trio
 
 from ..bus import BusMessage, Control, EventNotice
 from ..errors import (
+    ACCOUNT_DELETED,
     DEVICE_REVOKED,
+    HEARTBEAT_TIMEOUT,
+    REVOKED_CLOSE,
     REPLACED,
     SEQUENCE_CONFLICT,
     SESSION_EXPIRED,
     TOO_MANY_EVENTS,
     TRY_AGAIN,
+    Close,
     StoreUnavailable,
 )
 from ..limits import KeyedBuckets
@@ -34,12 +38,14 @@ from ..protocol.replay import make_token, parse_replay_request, read_token
 from ..store import Device, Outcome, StoredEvent
 from .connection import Connection
 from .context import Gateway
+from .pairing import complete_pairing, initiate_pairing
 
 log = logging.getLogger("pocketbridge.gateway")
 
 UNKNOWN_DEVICE = "Unknown Device"
 GAP_FILL_PAGE = 1000
 MAX_OPEN_PAGES = 8
+SEEN_REFRESH = 60.0  # seconds between last_seen refreshes of an idle connected device (§4)
 
 
 @attrs.define(eq=False)
@@ -66,8 +72,11 @@ def presence_payload(device: Device, online: bool, now_ms: int) -> dict[str, Any
 
 
 class Session:
-    def __init__(self, gw: Gateway, conn: Connection, device: Device, wire_device_id: str) -> None:
+    def __init__(
+        self, gw: Gateway, conn: Connection, device: Device, wire_device_id: str, nursery: trio.Nursery
+    ) -> None:
         self.gw = gw
+        self._nursery = nursery
         self.conn = conn
         self.device = device
         self.user_id = device.user_id
@@ -82,7 +91,8 @@ class Session:
         self._live = False
         self._early_max = 0
         self._gap_upto = 0
-        self._gap_wakeup = trio.Event()
+        self._gap_filling = False
+        self.pairing_failures = 0
         # delivered, not yet acked: event_id -> (server_seq, sender device_seq, replay page or None)
         self._deliveries: OrderedDict[str, tuple[int, int, ReplayPage | None]] = OrderedDict()
         self._by_device_seq: dict[int, deque[str]] = {}
@@ -103,6 +113,7 @@ class Session:
     async def establish(self) -> None:
         """§3.6 steps 6–7: take over the device, subscribe, read H, mark online, greet, announce."""
         gw = self.gw
+        gw.metrics.sessions_open.inc()
         await gw.hub.attach(self)
         await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
         self._start_live(await gw.store.head_seq(self.user_id))
@@ -122,7 +133,6 @@ class Session:
             )
         )
         await self._announce(online=True)
-        gw.metrics.sessions_open.inc()
 
     async def teardown(self) -> None:
         """Release everything this session holds (runs shielded, bounded by the store timeout)."""
@@ -138,25 +148,57 @@ class Session:
         except Exception as exc:  # the device row is corrected at the next connection or restart
             log.warning("device %s: offline update failed: %s", self.short, type(exc).__name__)
 
-    async def _announce(self, online: bool) -> None:
+    async def _announce(self, online: bool, user_id: str | None = None) -> None:
+        """Presence to the other devices of the session's user (or of ``user_id``), on every instance."""
         payload = presence_payload(self.device, online, self.gw.clock.now_ms())
-        control = Control(
-            "presence", self.user_id, self.device_id, self.connection_id,
-            {"wire": encode({"type": "device_status_changed", "payload": payload})},
-        )
+        if user_id is not None:
+            payload["user_id"] = user_id
+        await self.publish("presence", {"type": "device_status_changed", "payload": payload}, user_id)
+
+    async def publish(self, kind: str, message: dict[str, Any], user_id: str | None = None) -> None:
+        """A message for the other connected devices of a user (best-effort, like all bus traffic)."""
+        control = Control(kind, user_id or self.user_id, self.device_id, self.connection_id, {"wire": encode(message)})
         try:
             await self.gw.bus.publish([control])
         except Exception as exc:
-            log.warning("presence publish failed: %s", type(exc).__name__)
+            log.warning("device %s: %s publish failed: %s", self.short, kind, type(exc).__name__)
 
     def replaced(self) -> None:
         self.was_replaced = True
         self.conn.close(REPLACED)
 
     # --- background tasks ----------------------------------------------------------------------
-    async def run_expiry(self) -> None:
-        cfg = self.gw.config.session
-        await trio.sleep_until(self._started + cfg.ttl - cfg.warning_before)
+    async def run_timers(self) -> None:
+        """Heartbeat (§4), the expiry warning and close, and the periodic ``last_seen`` refresh."""
+        cfg = self.gw.config
+        ws = self.conn.ws
+        ws.last_pong = start = self._started
+        warn_at = start + cfg.session.ttl - cfg.session.warning_before
+        expire_at = start + cfg.session.ttl
+        next_ping = start + cfg.ws.ping_interval
+        next_seen = start + SEEN_REFRESH
+        warned = False
+        while True:
+            await trio.sleep_until(min(next_ping, expire_at, next_seen, expire_at if warned else warn_at))
+            now = trio.current_time()
+            if now >= expire_at:
+                self.conn.close(SESSION_EXPIRED)
+                return
+            if not warned and now >= warn_at:
+                warned = True
+                self._warn_expiry()
+            if now >= next_seen:
+                next_seen = now + SEEN_REFRESH
+                self.gw.store.note_seen(self.device_id, self.user_id)
+            if now >= next_ping:
+                if now - ws.last_pong >= cfg.ws.pong_timeout:
+                    self.conn.close(HEARTBEAT_TIMEOUT)
+                    return
+                next_ping = now + cfg.ws.ping_interval
+                with trio.move_on_after(cfg.ws.ping_interval):
+                    await ws.send_ping()
+
+    def _warn_expiry(self) -> None:
         left_ms = max(0, self.expires_at - self.gw.clock.now_ms())
         self.conn.send(
             encode(
@@ -170,25 +212,25 @@ class Session:
                 }
             )
         )
-        await trio.sleep_until(self._started + cfg.ttl)
-        self.conn.close(SESSION_EXPIRED)
 
-    async def run_gap_filler(self) -> None:
+    async def _fill_gaps(self) -> None:
+        """Read missing seqs from the store until ``last`` catches up with the newest notice."""
         store = self.gw.store
-        while True:
-            await self._gap_wakeup.wait()
-            self._gap_wakeup = trio.Event()
+        try:
             while self._gap_upto > self.last:
                 upto = self._gap_upto
+                user_id = self.user_id
                 self.gw.metrics.gap_fills.inc()
                 try:
                     page = await store.read_events(
-                        self.user_id, self.last, upto, exclude_device=self.device_id,
-                        now_ms=self.gw.clock.now_ms(), limit=GAP_FILL_PAGE, max_bytes=self.gw.config.replay.max_page_bytes,
+                        user_id, self.last, upto, exclude_device=self.device_id, now_ms=self.gw.clock.now_ms(),
+                        limit=GAP_FILL_PAGE, max_bytes=self.gw.config.replay.max_page_bytes,
                     )
                 except StoreUnavailable:
                     self.conn.close(TRY_AGAIN)
                     return
+                if user_id != self.user_id:  # paired into another account meanwhile
+                    continue
                 new_last = page.events[-1].server_seq if page.has_more else upto
                 delivered = set()
                 for event in page.events:
@@ -199,13 +241,26 @@ class Session:
                         self._mark_done(seq)
                 self.last = new_last
                 self._advance()
+        finally:
+            self._gap_filling = False
 
     # --- live delivery -------------------------------------------------------------------------
     def on_bus(self, message: BusMessage) -> None:
+        if message.user_id != self.user_id:
+            return
         if isinstance(message, EventNotice):
             self._on_notice(message)
-        elif message.kind in ("presence", "scratchpad") and message.device_id != self.device_id:
+        elif message.kind == "revoke":
+            if message.device_id == self.device_id:
+                self._close_revoked(message.data["reason"], REVOKED_CLOSE)
+        elif message.kind == "user_deleted":
+            self._close_revoked("Account deleted", ACCOUNT_DELETED)
+        elif message.device_id != self.device_id:  # presence, scratchpad_sync, device_paired
             self.conn.send(message.data["wire"])
+
+    def _close_revoked(self, reason: str, close: Close) -> None:
+        payload = {"type": "device_revoked", "reason": reason, "timestamp": self.gw.clock.now_ms()}
+        self.conn.close(close, encode({"type": "device_revoked", "payload": payload}))
 
     def _start_live(self, head: int) -> None:
         self.head = self.last = head
@@ -215,7 +270,9 @@ class Session:
 
     def _wake_gap(self, upto: int) -> None:
         self._gap_upto = max(self._gap_upto, upto)
-        self._gap_wakeup.set()
+        if not self._gap_filling:
+            self._gap_filling = True
+            self._nursery.start_soon(self._fill_gaps)
 
     def _on_notice(self, n: EventNotice) -> None:
         if not self._live:
@@ -318,6 +375,7 @@ class Session:
     # --- messages ------------------------------------------------------------------------------
     async def handle(self, msg: Message) -> None:
         kind = msg.type
+        self.gw.store.note_seen(self.device_id, self.user_id)
         if kind == "event":
             await self.handle_event(msg.payload)
         elif kind == "ack":
@@ -328,6 +386,10 @@ class Session:
             self.conn.send(encode({"type": "pong", "payload": {"timestamp": self.gw.clock.now_ms()}}))
         elif kind == "scratchpad_sync":
             await self.handle_scratchpad(msg)
+        elif kind == "initiate_pairing":
+            await initiate_pairing(self)
+        elif kind == "complete_pairing":
+            await complete_pairing(self, msg.payload)
         else:
             self.gw.metrics.unknown_messages.inc()
 
@@ -446,9 +508,20 @@ class Session:
         if not self._scratchpad.take("c"):
             gw.metrics.scratchpad_dropped.inc()
             return
-        wire = encode({"type": "scratchpad_sync", "payload": msg.payload})
-        try:
-            await gw.bus.publish([Control("scratchpad", self.user_id, self.device_id, self.connection_id, {"wire": wire})])
-        except Exception:
-            gw.metrics.scratchpad_dropped.inc()
+        await self.publish("scratchpad", {"type": "scratchpad_sync", "payload": msg.payload})
+
+    async def switch_user(self, device: Device) -> None:
+        """§7 step 7: the device now belongs to ``device.user_id``; follow that user's fan-out."""
+        old_user = self.user_id
+        self.device = device
+        self.user_id = device.user_id
+        self._live = False
+        self._early_max = self._gap_upto = 0
+        self._deliveries.clear()
+        self._by_device_seq.clear()
+        self._done.clear()
+        self._pages.clear()
+        self.cursor = device.delivery_cursor
+        await self.gw.hub.move(self, old_user)
+        self._start_live(await self.gw.store.head_seq(self.user_id))
 

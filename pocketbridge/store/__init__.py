@@ -12,6 +12,7 @@ time; the gateway maps that to close 1013 and the HTTP side to 503.
 from __future__ import annotations
 
 import enum
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,10 +115,37 @@ class EventResult:
     event: StoredEvent | None = None
 
 
+class Pairing(enum.Enum):
+    OK = "ok"
+    SAME_ACCOUNT = "same_account"
+    NOT_FOUND = "not_found"  # no such code, expired, or its initiator is gone: a counted failure
+    USED = "used"  # consumed by a concurrent attempt: reported as not found, not counted
+    LIMIT = "limit"  # the initiator's account is full; the code stays valid
+
+
+@attrs.frozen
+class PairingResult:
+    outcome: Pairing
+    user_id: str = ""  # the initiator's user U_A
+    last_ack_device_seq: int = 0
+    device: Device | None = None  # the joining device after the move
+
+
+@attrs.frozen
+class DeletedCounts:
+    devices: int
+    events: int
+
+
 @attrs.frozen
 class Page:
     events: list[StoredEvent]
     has_more: bool
+
+
+def new_pairing_code() -> str:
+    """Six decimal digits, uniform over 000000–999999 from the CSPRNG (no modulo bias)."""
+    return f"{secrets.randbelow(1_000_000):06d}"
 
 
 CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
@@ -137,6 +165,29 @@ class Store(Protocol):
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         """Raise a device's delivery cursor lazily (coalesced, flushed at least once a second)."""
+
+    def note_seen(self, device_id: str, user_id: str) -> None:
+        """Refresh ``last_seen`` of a device and ``last_activity`` of its user lazily (coalesced)."""
+
+    async def create_pairing_code(
+        self, user_id: str, device_id: str, ttl_ms: int, max_devices: int
+    ) -> tuple[str, int] | None:
+        """A fresh unique code for the initiator (replacing its previous one) and its expiry in ms;
+        None when the initiator's account is at the device limit."""
+
+    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult: ...
+
+    async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
+        """Revoke (idempotent); None if unknown or not in ``user_id``. Returns the device as it was."""
+
+    async def mark_deleting(self, user_id: str) -> bool:
+        """Flag the user so no handshake or event of it is admitted; False if it does not exist."""
+
+    async def delete_user(self, user_id: str) -> DeletedCounts:
+        """Remove everything of the user in one transaction."""
+
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` events past their ttl (+ grace) or retention; returns the count."""
 
     async def head_seq(self, user_id: str) -> int: ...
 

@@ -27,11 +27,15 @@ from . import (
     Admit,
     AdmitRequest,
     CommitHook,
+    DeletedCounts,
     Device,
     EventResult,
     Outcome,
     Page,
+    Pairing,
+    PairingResult,
     StoredEvent,
+    new_pairing_code,
 )
 from .writer import BatchWriter, Op
 
@@ -129,6 +133,29 @@ class SqliteStore:
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         self._writer.note_cursor(device_id, user_id, cursor)
 
+    def note_seen(self, device_id: str, user_id: str) -> None:
+        self._writer.note_seen(device_id, user_id)
+
+    async def create_pairing_code(
+        self, user_id: str, device_id: str, ttl_ms: int, max_devices: int
+    ) -> tuple[str, int] | None:
+        return await self._writer.submit("pairing_code", user_id, device_id, ttl_ms, max_devices)  # type: ignore[no-any-return]
+
+    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult:
+        return await self._writer.submit("complete_pairing", code, device_id, max_devices)  # type: ignore[no-any-return]
+
+    async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
+        return await self._writer.submit("revoke", device_id, reason, user_id)  # type: ignore[no-any-return]
+
+    async def mark_deleting(self, user_id: str) -> bool:
+        return await self._writer.submit("mark_deleting", user_id)  # type: ignore[no-any-return]
+
+    async def delete_user(self, user_id: str) -> DeletedCounts:
+        return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
+
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
+        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit)  # type: ignore[no-any-return]
+
     def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
         c = self._w
         assert c is not None
@@ -174,10 +201,7 @@ class SqliteStore:
                 (name, dtype, device.device_id),
             )
             return Admission(Admit.OK, attrs.evolve(device, device_name=name, device_type=dtype))
-        (count,) = c.execute(
-            "SELECT count(*) FROM devices WHERE user_id = ? AND revoked_at IS NULL", (req.key,)
-        ).fetchone()
-        if count >= req.max_devices:
+        if self._device_count(c, req.key) >= req.max_devices:
             return Admission(Admit.LIMIT)
         c.execute("INSERT OR IGNORE INTO users (user_id, created_at) VALUES (?, ?)", (req.key, now_ms))
         name = dedupe_device_name(req.device_name, self._taken_names(c, req.key)) if req.device_name else None
@@ -252,11 +276,111 @@ class SqliteStore:
                 (now_ms, device_id, conn_id),
             )
 
-    def _w_cursors(self, c: sqlite3.Connection, now_ms: int, cursors: dict[str, tuple[str, int]]) -> None:
+    def _w_coalesced(
+        self, c: sqlite3.Connection, now_ms: int, cursors: dict[str, tuple[str, int]], seen: dict[str, str]
+    ) -> None:
         c.executemany(
             "UPDATE devices SET delivery_cursor = max(delivery_cursor, ?) WHERE device_id = ? AND user_id = ?",
             [(cursor, device_id, user_id) for device_id, (user_id, cursor) in cursors.items()],
         )
+        c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", [(now_ms, d) for d in seen])
+        c.executemany(
+            "UPDATE users SET last_activity = ? WHERE user_id = ?", [(now_ms, u) for u in set(seen.values())]
+        )
+
+    def _w_pairing_code(
+        self, c: sqlite3.Connection, now_ms: int, user_id: str, device_id: str, ttl_ms: int, max_devices: int
+    ) -> tuple[str, int] | None:
+        if self._device_count(c, user_id) >= max_devices:
+            return None
+        c.execute("DELETE FROM pairing_codes WHERE device_id = ? OR expires_at <= ?", (device_id, now_ms))
+        expires_at = now_ms + ttl_ms
+        while True:
+            code = new_pairing_code()
+            cur = c.execute(
+                "INSERT INTO pairing_codes (code, user_id, device_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (code) DO NOTHING",
+                (code, user_id, device_id, now_ms, expires_at),
+            )
+            if cur.rowcount == 1:
+                return code, expires_at
+
+    def _w_complete_pairing(
+        self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int
+    ) -> PairingResult:
+        row = c.execute(
+            "SELECT p.user_id, p.expires_at, p.used FROM pairing_codes p JOIN devices d ON d.device_id = p.device_id"
+            " WHERE p.code = ? AND d.revoked_at IS NULL AND d.user_id = p.user_id",
+            (code,),
+        ).fetchone()
+        if row is None or row[1] <= now_ms:
+            return PairingResult(Pairing.NOT_FOUND)
+        if row[2]:
+            return PairingResult(Pairing.USED)
+        user_a = row[0]
+        joiner = _device(c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone())
+        if joiner.user_id == user_a:
+            c.execute("UPDATE pairing_codes SET used = 1 WHERE code = ?", (code,))
+            return PairingResult(Pairing.SAME_ACCOUNT, user_a, joiner.last_ack_device_seq, joiner)
+        if self._device_count(c, user_a) >= max_devices:
+            return PairingResult(Pairing.LIMIT, user_a)
+        c.execute("UPDATE pairing_codes SET used = 1 WHERE code = ?", (code,))
+        name = joiner.device_name and dedupe_device_name(joiner.device_name, self._taken_names(c, user_a))
+        (last_ack,) = c.execute(
+            "SELECT coalesce(max(device_seq), 0) FROM events WHERE user_id = ? AND device_id = ?", (user_a, device_id)
+        ).fetchone()
+        c.execute(
+            "UPDATE devices SET user_id = ?, device_name = ?, last_ack_device_seq = ?, delivery_cursor = 0"
+            " WHERE device_id = ?",
+            (user_a, name, last_ack, device_id),
+        )
+        c.execute("DELETE FROM pairing_codes WHERE device_id = ?", (device_id,))
+        moved = attrs.evolve(joiner, user_id=user_a, device_name=name, last_ack_device_seq=last_ack, delivery_cursor=0)
+        return PairingResult(Pairing.OK, user_a, last_ack, moved)
+
+    def _w_revoke(
+        self, c: sqlite3.Connection, now_ms: int, device_id: str, reason: str, user_id: str | None
+    ) -> Device | None:
+        row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None or (user_id is not None and row[1] != user_id):
+            return None
+        c.execute(
+            "UPDATE devices SET revoked_at = coalesce(revoked_at, ?), revoke_reason = coalesce(revoke_reason, ?),"
+            " is_online = 0, connection_id = NULL WHERE device_id = ?",
+            (now_ms, reason, device_id),
+        )
+        c.execute("DELETE FROM pairing_codes WHERE device_id = ?", (device_id,))
+        return _device(row)
+
+    def _w_mark_deleting(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> bool:
+        return c.execute("UPDATE users SET deleting = 1 WHERE user_id = ?", (user_id,)).rowcount == 1
+
+    def _w_delete_user(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> DeletedCounts:
+        events = c.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+        c.execute(
+            "DELETE FROM pairing_codes WHERE user_id = ?"
+            " OR device_id IN (SELECT device_id FROM devices WHERE user_id = ?)",
+            (user_id, user_id),
+        )
+        devices = c.execute("DELETE FROM devices WHERE user_id = ?", (user_id,)).rowcount
+        c.execute("DELETE FROM streams WHERE user_id = ?", (user_id,))
+        c.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+        return DeletedCounts(devices, events)
+
+    def _w_purge(self, c: sqlite3.Connection, now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
+        cutoff = now_ms - retention_ms
+        return c.execute(
+            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"
+            " UNION ALL SELECT rowid FROM events WHERE created_at < ? AND (ttl IS NULL OR ttl < ?) LIMIT ?)",
+            (now_ms - ttl_grace_ms, cutoff, now_ms, limit),
+        ).rowcount
+
+    @staticmethod
+    def _device_count(c: sqlite3.Connection, user_id: str) -> int:
+        (count,) = c.execute(
+            "SELECT count(*) FROM devices WHERE user_id = ? AND revoked_at IS NULL", (user_id,)
+        ).fetchone()
+        return int(count)
 
     # --- reads -----------------------------------------------------------------------------------
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -57,3 +57,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ttl ON events (ttl) WHERE ttl IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+
+CREATE TABLE IF NOT EXISTS pairing_codes (
+    code       TEXT PRIMARY KEY CHECK (length(code) = 6),
+    user_id    TEXT NOT NULL,
+    device_id  TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used       INTEGER NOT NULL DEFAULT 0
+);

@@ -4,7 +4,8 @@ Callers submit small write operations and await their result; one task drains th
 batches and hands each batch to the backend's ``apply_batch`` in a worker thread, where the whole
 batch is one transaction (each operation in its own savepoint). After the commit, the stored events
 go to the commit hook (fan-out) in commit order, then every caller is woken. Delivery-cursor moves
-are coalesced here and written at most once a second, plus once at shutdown.
+and activity stamps (``last_seen``) are coalesced here and written at most once a second, plus
+once at shutdown.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from . import CommitHook, StoredEvent
 
 log = logging.getLogger("pocketbridge.store")
 
-CURSOR_FLUSH_INTERVAL = 1.0
+FLUSH_INTERVAL = 1.0
+READS_CURSORS = frozenset({"admit", "complete_pairing"})
 
 
 class Op:
@@ -50,7 +52,8 @@ class BatchWriter:
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[Op](batch_size * 4)
         self._cursors: dict[str, tuple[str, int]] = {}
-        self._last_cursor_flush = 0.0
+        self._seen: dict[str, str] = {}  # device_id -> user_id
+        self._last_flush = 0.0
         self.queued = 0  # operations waiting or in flight (a gauge for metrics)
 
     async def submit(self, kind: str, *args: Any) -> Any:
@@ -74,35 +77,41 @@ class BatchWriter:
         if known is None or known[0] != user_id or known[1] < cursor:
             self._cursors[device_id] = (user_id, cursor)
 
-    def _take_cursors(self, force: bool) -> Op | None:
+    def note_seen(self, device_id: str, user_id: str) -> None:
+        self._seen[device_id] = user_id
+
+    def _take_coalesced(self, force: bool) -> Op | None:
+        """The pending cursor and activity updates as one operation, at most once a second."""
         now = trio.current_time()
-        if not self._cursors or (not force and now - self._last_cursor_flush < CURSOR_FLUSH_INTERVAL):
+        if not (self._cursors or self._seen) or (not force and now - self._last_flush < FLUSH_INTERVAL):
             return None
-        self._last_cursor_flush = now
+        self._last_flush = now
         cursors, self._cursors = self._cursors, {}
-        return Op("cursors", (cursors,))
+        seen, self._seen = self._seen, {}
+        return Op("coalesced", (cursors, seen))
 
     async def run(self, on_commit: CommitHook) -> None:
         try:
             while True:
                 batch: list[Op] = []
-                with trio.move_on_after(CURSOR_FLUSH_INTERVAL):
+                with trio.move_on_after(FLUSH_INTERVAL):
                     batch.append(await self._receive.receive())
                 while len(batch) < self._batch_size:
                     try:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
-                cursor_op = self._take_cursors(force=False)
-                if cursor_op is not None:
-                    batch.append(cursor_op)
+                # Operations that read cursors see every cursor noted before them.
+                coalesced = self._take_coalesced(force=any(op.kind in READS_CURSORS for op in batch))
+                if coalesced is not None:
+                    batch.insert(0, coalesced)
                 if batch:
                     await self._commit(batch, on_commit)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
-                cursor_op = self._take_cursors(force=True)
-                if cursor_op is not None:
-                    await self._commit([cursor_op], on_commit)
+                coalesced = self._take_coalesced(force=True)
+                if coalesced is not None:
+                    await self._commit([coalesced], on_commit)
 
     async def _commit(self, batch: list[Op], on_commit: CommitHook) -> None:
         now_ms = self._clock.now_ms()

@@ -1,0 +1,112 @@
+"""Machine description and /proc readings (RSS, CPU time) for the benchmark report. Linux only; N/A elsewhere."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import sys
+from typing import Any
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = None
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        if line.lower().startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = None
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+            break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = None
+    return {
+        "cpu_model": cpu_model or platform.processor() or None,
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "ram_mib": round(mem_kb / 1024) if mem_kb else None,
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "os": platform.system(),
+    }
+
+
+def rss_kb(pid: int) -> int | None:
+    """Resident set size of ``pid`` in kB (VmRSS from /proc/<pid>/status), or None."""
+    text = _read(f"/proc/{pid}/status")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` (all its threads) in seconds, from /proc/<pid>/stat."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    except (IndexError, ValueError):
+        return None
+    return (utime + stime) / _CLK_TCK
+
+
+def own_cpu() -> dict[str, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user": ru.ru_utime, "sys": ru.ru_stime}
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (inherited by child processes); returns (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def percentiles(samples: list[float], points: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | int | None]:
+    """Nearest-rank percentiles (and max, count) of ``samples`` (ms), rounded to 0.01."""
+    out: dict[str, float | int | None] = {"count": len(samples)}
+    if not samples:
+        for p in points:
+            out[f"p{p:g}"] = None
+        out["max"] = None
+        return out
+    data = sorted(samples)
+    n = len(data)
+    for p in points:
+        rank = max(1, math.ceil(p / 100 * n))
+        out[f"p{p:g}"] = round(data[rank - 1], 2)
+    out["max"] = round(data[-1], 2)
+    return out
+
+
+def platform_is_linux() -> bool:
+    return sys.platform.startswith("linux")
