@@ -51,15 +51,35 @@ class Daemon:
         self.instance_id = config.server.instance_id or secrets.token_hex(4)
         self.gateway: Gateway | None = None
         self._front: trio.CancelScope | None = None
+        self._root: trio.CancelScope | None = None
         self._stop_requested = False
 
     def stop(self) -> None:
-        """Begin an orderly stop (safe to call from any task, any number of times)."""
+        """Begin an orderly stop (safe to call from any task, any number of times); whatever is still
+        running ``[drain] deadline`` seconds later is cancelled hard."""
         self._stop_requested = True
         if self._front is not None:
             self._front.cancel()
+        if self._root is not None:
+            self._root.deadline = min(self._root.deadline, trio.current_time() + self.config.drain.deadline)
 
     async def run(self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop` (or SIGTERM/SIGINT with ``handle_signals``, or cancellation of the
+        caller, which is turned into an orderly stop)."""
+        async with trio.open_nursery() as guard:
+            guard.start_soon(self._stop_when_cancelled)
+            with trio.CancelScope(shield=True) as root:
+                self._root = root
+                await self._run(handle_signals, task_status)
+            guard.cancel_scope.cancel()
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    async def _run(self, handle_signals: bool, task_status: Any) -> None:
         self.clock.anchor()
         identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
         store = open_store(self.config, self.clock)

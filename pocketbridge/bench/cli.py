@@ -5,10 +5,54 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+SCENARIOS = ("relay", "handshakes", "memory", "replay")
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
 
 def add_bench_parser(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("bench", help="measure relay, handshakes, idle memory and replay")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "bench",
+        help="measure relay, handshakes, idle memory and replay",
+        description=(
+            "Load-test a PocketBridge daemon over loopback. Without --url, each scenario starts its own daemon "
+            "(python -m pocketbridge serve) with a fresh temporary data dir, free 127.0.0.1 ports and the per-user "
+            "and per-address limits lifted, and stops it afterwards. Prints a table, then a JSON summary."
+        ),
+    )
     p.add_argument("--config", "-c", metavar="FILE", help="config for the daemon the benchmark starts")
+    p.add_argument("--url", metavar="WS_URL", help="benchmark this running server (loopback) instead of starting one")
+    p.add_argument("--server-pid", type=int, metavar="PID", help="with --url: the server's PID, for RSS and CPU")
+    p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to measure (default: all)")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
+    p.add_argument("--duration", type=_positive(float), metavar="S", help="seconds per relay mode (default 10; quick 2)")
+    p.add_argument(
+        "--rate",
+        type=_positive(float),
+        nargs="+",
+        metavar="R",
+        help="open-loop total event rates per second (default: 150 and 500)",
+    )
+    p.add_argument("--window", type=_positive(int), metavar="W", help="closed loop: in-flight events per sender (32)")
+    p.add_argument("--users", type=_positive(int), metavar="U", help="relay users (default 20; quick 3)")
+    p.add_argument("--devices", type=int, metavar="D", help="devices per relay user, >= 2 (default 3)")
+    p.add_argument("--processes", type=_positive(int), metavar="N", help="load-generator processes (default 2)")
+    p.add_argument("--payload-bytes", type=int, metavar="B", help="event payload size, >= 17 (default 256)")
+    p.add_argument("--drain", type=_positive(float), metavar="S", help="max wait for stragglers after sending (10)")
+    p.add_argument("--handshakes", type=_positive(int), metavar="N", help="handshakes (default 500; quick 50)")
+    p.add_argument("--concurrency", type=_positive(int), metavar="C", help="concurrent handshakes (default 100)")
+    p.add_argument("--idle", type=_positive(int), metavar="N", help="idle connections (default 1000; quick 50)")
+    p.add_argument("--replay-events", type=_positive(int), metavar="N", help="events to replay (5000; quick 500)")
+    p.add_argument("--daemon-log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
 
     def run(args: argparse.Namespace) -> int:
         from .runner import main

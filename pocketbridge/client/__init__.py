@@ -364,12 +364,29 @@ class Client:
             except Closed:
                 return
 
-    async def next_notice(self, kind: str | None = None) -> dict[str, Any]:
-        """The next server message that is not an ack, event or reply (presence, warnings, errors…)."""
+    async def next_notice(self, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The next server message that is not an ack, event or reply (presence, warnings, errors…),
+        skipping those of other kinds than ``kind``."""
+        kinds = (kind,) if isinstance(kind, str) else kind
         async for msg in self.notices:
-            if kind is None or msg.get("type") == kind:
+            if kinds is None or msg.get("type") in kinds:
                 return msg
         raise self._closed_error()
+
+    async def initiate_pairing(self) -> dict[str, Any]:
+        """Ask for a pairing code; returns the ``pairing_initiated`` or ``pairing_failed`` message."""
+        await self._send({"type": "initiate_pairing"})
+        return await self.next_notice(("pairing_initiated", "pairing_failed"))
+
+    async def complete_pairing(self, code: str) -> dict[str, Any]:
+        """Join the account that issued ``code``; on success the client's ``user_id`` becomes it."""
+        await self._send({"type": "complete_pairing", "payload": {"pairing_code": code}})
+        msg = await self.next_notice(("pairing_completed", "pairing_failed"))
+        if msg["type"] == "pairing_completed":
+            self.user_id = msg["payload"]["linkedUserId"]
+            self.last_ack_device_seq = int(msg["payload"].get("last_ack_device_seq", 0))
+            self._next_seq = self.last_ack_device_seq + 1
+        return msg
 
     async def _reply(self) -> dict[str, Any]:
         try:

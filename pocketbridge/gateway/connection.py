@@ -95,6 +95,7 @@ class Connection:
         self.closed_by_peer = False
         self.overflowed = False
         self._final: str | None = None
+        self._inflight: str | None = None
         self._scope: trio.CancelScope | None = None
         self._close_timeout = close_timeout
 
@@ -131,15 +132,24 @@ class Connection:
     async def run_writer(self) -> None:
         try:
             while True:
-                await self.ws.send_message(await self.outbox.get())
+                # kept until fully sent: a close that cancels this task mid-send resends it first
+                self._inflight = await self.outbox.get()
+                await self.ws.send_message(self._inflight)
+                self._inflight = None
         except ConnectionClosed:
             self.peer_closed()
 
     async def finish(self) -> None:
-        """Send the final message and the close frame; never raises, never outlives close_timeout."""
+        """Flush what is queued (unless the peer is too slow for it), send the final message and the
+        close frame; never raises, never outlives close_timeout."""
         with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
             try:
                 if self.close_reason is not None and not self.closed_by_peer:
+                    if not self.overflowed:
+                        if self._inflight is not None:
+                            await self.ws.send_message(self._inflight)
+                        while self.outbox.size:
+                            await self.ws.send_message(await self.outbox.get())
                     if self._final is not None:
                         await self.ws.send_message(self._final)
                     await self.ws.aclose(self.close_reason.code, self.close_reason.reason)

@@ -55,7 +55,6 @@ async def initiate_pairing(session: Session) -> None:
 
 def _lock_out(session: Session) -> None:
     session.gw.metrics.rate_limited.labels("pairing_failures").inc()
-    session.conn.send(_failed(LOCKOUT))
     session.conn.close(PAIRING_LOCKOUT, _failed(LOCKOUT))
 
 
