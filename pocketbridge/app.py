@@ -23,6 +23,7 @@ from .config import Config
 from .gateway.context import Gateway, Limits
 from .gateway.server import serve_gateway
 from .gateway.session import event_message
+from .http.server import serve_http
 from .hub import Hub
 from .identity import load_or_create_identity
 from .maintenance import run_purger
@@ -39,8 +40,15 @@ class Running:
 
     ws_port: int
     ws_url: str
+    http_port: int
+    http_url: str
+    metrics_port: int | None
     identity: ServerIdentity
     identity_created: bool
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class Daemon:
@@ -58,6 +66,8 @@ class Daemon:
         """Begin an orderly stop (safe to call from any task, any number of times); whatever is still
         running ``[drain] deadline`` seconds later is cancelled hard."""
         self._stop_requested = True
+        if self.gateway is not None:
+            self.gateway.draining = True
         if self._front is not None:
             self._front.cancel()
         if self._root is not None:
@@ -109,12 +119,16 @@ class Daemon:
                         front_scope.cancel()
                     async with trio.open_nursery() as front:
                         ws_port = await front.start(serve_gateway, self.gateway)
-                        host = self.config.ws_address()[0]
-                        url = f"ws://{'[' + host + ']' if ':' in host else host}:{ws_port}/ws"
-                        log.info("pocketbridge %s serving %s (instance %s)", __version__, url, self.instance_id)
+                        http_port, metrics_port = await front.start(serve_http, self.gateway)
+                        url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
+                        http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
+                        log.info("pocketbridge %s serving %s and %s (instance %s)", __version__, url, http_url,
+                                 self.instance_id)
                         if handle_signals:
                             front.start_soon(self._watch_signals)
-                        task_status.started(Running(ws_port, url, identity, created))
+                        task_status.started(
+                            Running(ws_port, url, http_port, http_url, metrics_port, identity, created)
+                        )
             finally:
                 services.cancel_scope.cancel()
 

@@ -13,20 +13,13 @@ import trio
 from . import __version__
 from .config import Config, describe_problems, load_config
 from .errors import ConfigError, IdentityError, PocketBridgeError
+from .logs import setup_logging
 
 log = logging.getLogger("pocketbridge")
 
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config or os.environ.get("PB_CONFIG") or None)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -43,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(
                 f"PocketBridge {__version__}\n"
                 f"  WebSocket URL:      {running.ws_url}\n"
+                f"  HTTP API:           {running.http_url}  (health: {running.http_url}/health)\n"
                 f"  data directory:     {config.data_dir()}\n"
                 f"  server key ({key_note}): {config.identity_key_path()}\n"
                 f"  server public key:  {running.identity.public_hex}\n"

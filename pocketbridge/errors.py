@@ -89,3 +89,51 @@ def missing_or_invalid(field: str) -> Close:
     if field not in HANDSHAKE_FIELDS:
         raise ValueError(f"not a handshake field: {field}")
     return Close(1008, f"Missing or invalid {field}")
+
+
+# --- HTTP error catalogue (protocol.md §10) ---------------------------------------------------------
+# code -> (status, fixed text). Handlers raise ApiError(code) or ApiError(code, text) where the spec
+# gives a specific text; the boundary turns it into {"error", "code", "request_id"}.
+HTTP_ERRORS: dict[str, tuple[int, str]] = {
+    "AUTH_REQUIRED": (401, "Authentication required"),
+    "INVALID_AUTH_HEADERS": (401, "Invalid authentication headers"),
+    "TIMESTAMP_OUT_OF_RANGE": (401, "Request timestamp out of range"),
+    "INVALID_SIGNATURE": (401, "Invalid request signature"),
+    "REPLAYED_REQUEST": (401, "Request signature already used"),
+    "DEVICE_REVOKED": (401, "Device has been revoked"),
+    "INVALID_TOKEN": (401, "Invalid or expired token"),
+    "ADMIN_AUTH_REQUIRED": (401, "Admin authentication required"),
+    "ADMIN_DISABLED": (403, "Admin API is disabled"),
+    "FORBIDDEN": (403, "Forbidden"),
+    "NOT_FOUND": (404, "Not found"),
+    "DEVICE_NOT_FOUND": (404, "Device not found"),
+    "METHOD_NOT_ALLOWED": (405, "Method not allowed"),
+    "DEVICE_NAME_TAKEN": (409, "Another device with this name already exists"),
+    "DEVICE_LIMIT": (409, "Device limit reached"),
+    "GONE": (
+        410,
+        "Pairing over REST has been removed. Pair devices over the WebSocket with initiate_pairing and complete_pairing.",
+    ),
+    "PAYLOAD_TOO_LARGE": (413, "Request body too large"),
+    "UNSUPPORTED_MEDIA_TYPE": (415, "Unsupported media type"),
+    "INVALID_JSON": (400, "Invalid JSON body"),
+    "INVALID_DEVICE_ID": (400, "Invalid device ID"),
+    "INVALID_DEVICE_NAME": (400, "Device name must be 1-50 characters"),
+    "VALIDATION_ERROR": (400, "Validation error"),
+    "NO_UPDATES": (400, "No valid updates provided"),
+    "RATE_LIMITED": (429, "Too many requests"),
+    "SERVICE_UNAVAILABLE": (503, "Service temporarily unavailable"),
+    "INTERNAL_ERROR": (500, "Internal server error"),
+}
+
+
+class ApiError(PocketBridgeError):
+    """An HTTP error with a code of ``HTTP_ERRORS``; ``text`` only from the spec's fixed strings."""
+
+    def __init__(self, code: str, text: str | None = None, *, retry_after: int | None = None) -> None:
+        status, default = HTTP_ERRORS[code]
+        super().__init__(code)
+        self.code = code
+        self.status = status
+        self.text = text or default
+        self.retry_after = retry_after

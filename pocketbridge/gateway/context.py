@@ -56,6 +56,7 @@ class Gateway:
     limits: Limits
     instance_id: str
     token_key: bytes = attrs.field(init=False)
+    draining: bool = False  # set when an orderly stop begins; readiness answers 503
 
     def __attrs_post_init__(self) -> None:
         self.token_key = self.identity.token_key()

@@ -131,6 +131,39 @@ class PairingResult:
     device: Device | None = None  # the joining device after the move
 
 
+class Rename(enum.Enum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    TAKEN = "taken"
+
+
+class Unrevoke(enum.Enum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    LIMIT = "limit"
+
+
+@attrs.frozen
+class Profile:
+    user_id: str
+    display_name: str | None
+    email: str | None
+    avatar_url: str | None
+    preferences: dict[str, Any]
+    onboarding_completed: bool
+    created_at: int
+    updated_at: int
+    last_seen: int
+
+
+@attrs.frozen
+class RevokedDevice:
+    device_id: str
+    user_id: str
+    revoked_at: int
+    reason: str | None
+
+
 @attrs.frozen
 class DeletedCounts:
     devices: int
@@ -208,6 +241,27 @@ class Store(Protocol):
         """Ascending page of the user's events in (after, upto]; at least one event if any."""
 
     async def get_device(self, device_id: str) -> Device | None: ...
+
+    async def list_devices(self, user_id: str) -> list[Device]:
+        """The user's non-revoked devices."""
+
+    async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename: ...
+
+    async def unrevoke_device(self, device_id: str, max_devices: int) -> Unrevoke: ...
+
+    async def revoked_devices(self, user_id: str | None, limit: int) -> list[RevokedDevice]: ...
+
+    async def get_profile(self, user_id: str) -> Profile:
+        """The user's profile, created with defaults on first use."""
+
+    async def update_profile(self, user_id: str, changes: dict[str, Any]) -> Profile:
+        """Apply ``changes`` (display_name, email, preferences merged, onboarding_completed)."""
+
+    async def file_events(self, user_id: str, limit: int, offset: int, now_ms: int) -> tuple[list[StoredEvent], int]:
+        """Unexpired ``file:metadata`` events, newest first, and their total."""
+
+    async def remember_signature(self, signature: str, expires_ms: int) -> bool:
+        """Record a PB1 signature until ``expires_ms``; False if it was already recorded (a replay)."""
 
     async def ping(self) -> None:
         """A round trip; raises StoreUnavailable."""

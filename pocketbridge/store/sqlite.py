@@ -6,6 +6,7 @@ a small pool of read-only connections. The schema carries a version so later rel
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -34,7 +35,11 @@ from . import (
     Page,
     Pairing,
     PairingResult,
+    Profile,
+    Rename,
+    RevokedDevice,
     StoredEvent,
+    Unrevoke,
     new_pairing_code,
 )
 from .writer import BatchWriter, Op
@@ -155,6 +160,21 @@ class SqliteStore:
 
     async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
         return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit)  # type: ignore[no-any-return]
+
+    async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
+        return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
+
+    async def unrevoke_device(self, device_id: str, max_devices: int) -> Unrevoke:
+        return await self._writer.submit("unrevoke", device_id, max_devices)  # type: ignore[no-any-return]
+
+    async def get_profile(self, user_id: str) -> Profile:
+        return await self._writer.submit("get_profile", user_id)  # type: ignore[no-any-return]
+
+    async def update_profile(self, user_id: str, changes: dict[str, Any]) -> Profile:
+        return await self._writer.submit("update_profile", user_id, changes)  # type: ignore[no-any-return]
+
+    async def remember_signature(self, signature: str, expires_ms: int) -> bool:
+        return await self._writer.submit("signature", signature, expires_ms)  # type: ignore[no-any-return]
 
     def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
         c = self._w
@@ -364,16 +384,86 @@ class SqliteStore:
         )
         devices = c.execute("DELETE FROM devices WHERE user_id = ?", (user_id,)).rowcount
         c.execute("DELETE FROM streams WHERE user_id = ?", (user_id,))
+        c.execute("DELETE FROM profiles WHERE user_id = ?", (user_id,))
         c.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
         return DeletedCounts(devices, events)
 
     def _w_purge(self, c: sqlite3.Connection, now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
         cutoff = now_ms - retention_ms
+        c.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (now_ms,))
+        c.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (now_ms,))
         return c.execute(
             "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"
             " UNION ALL SELECT rowid FROM events WHERE created_at < ? AND (ttl IS NULL OR ttl < ?) LIMIT ?)",
             (now_ms - ttl_grace_ms, cutoff, now_ms, limit),
         ).rowcount
+
+    def _w_rename(self, c: sqlite3.Connection, now_ms: int, user_id: str, device_id: str, name: str) -> Rename:
+        row = c.execute(
+            "SELECT device_name FROM devices WHERE device_id = ? AND user_id = ? AND revoked_at IS NULL",
+            (device_id, user_id),
+        ).fetchone()
+        if row is None:
+            return Rename.NOT_FOUND
+        if row[0] != name and name in self._taken_names(c, user_id):
+            return Rename.TAKEN
+        c.execute("UPDATE devices SET device_name = ? WHERE device_id = ?", (name, device_id))
+        return Rename.OK
+
+    def _w_unrevoke(self, c: sqlite3.Connection, now_ms: int, device_id: str, max_devices: int) -> Unrevoke:
+        row = c.execute("SELECT user_id, revoked_at, device_name FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        if row is None:
+            return Unrevoke.NOT_FOUND
+        if row[1] is None:
+            return Unrevoke.OK
+        if self._device_count(c, row[0]) >= max_devices:
+            return Unrevoke.LIMIT
+        name = row[2] and dedupe_device_name(row[2], self._taken_names(c, row[0]))
+        c.execute(
+            "UPDATE devices SET revoked_at = NULL, revoke_reason = NULL, device_name = ? WHERE device_id = ?",
+            (name, device_id),
+        )
+        return Unrevoke.OK
+
+    def _profile(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> Profile:
+        c.execute(
+            "INSERT INTO profiles (user_id, created_at, updated_at) VALUES (?, ?, ?) ON CONFLICT (user_id) DO NOTHING",
+            (user_id, now_ms, now_ms),
+        )
+        row = c.execute(
+            "SELECT p.user_id, p.display_name, p.email, p.avatar_url, p.preferences, p.onboarding_completed,"
+            " p.created_at, p.updated_at, coalesce(u.last_activity, p.updated_at)"
+            " FROM profiles p LEFT JOIN users u ON u.user_id = p.user_id WHERE p.user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return Profile(row[0], row[1], row[2], row[3], json.loads(row[4]), bool(row[5]), row[6], row[7], row[8])
+
+    def _w_get_profile(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> Profile:
+        return self._profile(c, now_ms, user_id)
+
+    def _w_update_profile(self, c: sqlite3.Connection, now_ms: int, user_id: str, changes: dict[str, Any]) -> Profile:
+        current = self._profile(c, now_ms, user_id)
+        preferences = {**current.preferences, **changes.get("preferences", {})}
+        c.execute(
+            "UPDATE profiles SET display_name = ?, email = ?, preferences = ?, onboarding_completed = ?, updated_at = ?"
+            " WHERE user_id = ?",
+            (
+                changes.get("display_name", current.display_name),
+                changes.get("email", current.email),
+                json.dumps(preferences, separators=(",", ":")),
+                int(changes.get("onboarding_completed", current.onboarding_completed)),
+                now_ms,
+                user_id,
+            ),
+        )
+        return self._profile(c, now_ms, user_id)
+
+    def _w_signature(self, c: sqlite3.Connection, now_ms: int, signature: str, expires_ms: int) -> bool:
+        cur = c.execute(
+            "INSERT INTO seen_signatures (signature, expires_at) VALUES (?, ?) ON CONFLICT (signature) DO NOTHING",
+            (signature, expires_ms),
+        )
+        return cur.rowcount == 1
 
     @staticmethod
     def _device_count(c: sqlite3.Connection, user_id: str) -> int:
@@ -427,6 +517,39 @@ class SqliteStore:
         def q(c: sqlite3.Connection) -> Device | None:
             row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,)).fetchone()
             return _device(row) if row else None
+
+        return await self._read(q)
+
+    async def list_devices(self, user_id: str) -> list[Device]:
+        def q(c: sqlite3.Connection) -> list[Device]:
+            rows = c.execute(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? AND revoked_at IS NULL", (user_id,)
+            )
+            return [_device(r) for r in rows]
+
+        return await self._read(q)
+
+    async def revoked_devices(self, user_id: str | None, limit: int) -> list[RevokedDevice]:
+        def q(c: sqlite3.Connection) -> list[RevokedDevice]:
+            rows = c.execute(
+                "SELECT device_id, user_id, revoked_at, revoke_reason FROM devices WHERE revoked_at IS NOT NULL"
+                " AND (? IS NULL OR user_id = ?) ORDER BY revoked_at DESC LIMIT ?",
+                (user_id, user_id, limit),
+            )
+            return [RevokedDevice(*r) for r in rows]
+
+        return await self._read(q)
+
+    async def file_events(self, user_id: str, limit: int, offset: int, now_ms: int) -> tuple[list[StoredEvent], int]:
+        where = "WHERE user_id = ? AND type = 'file:metadata' AND (ttl IS NULL OR ttl > ?)"
+
+        def q(c: sqlite3.Connection) -> tuple[list[StoredEvent], int]:
+            (total,) = c.execute(f"SELECT count(*) FROM events {where}", (user_id, now_ms)).fetchone()
+            rows = c.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events {where} ORDER BY server_seq DESC LIMIT ? OFFSET ?",
+                (user_id, now_ms, limit, offset),
+            )
+            return [StoredEvent(*r) for r in rows], int(total)
 
         return await self._read(q)
 

@@ -66,3 +66,21 @@ CREATE TABLE IF NOT EXISTS pairing_codes (
     expires_at INTEGER NOT NULL,
     used       INTEGER NOT NULL DEFAULT 0
 );
+
+CREATE TABLE IF NOT EXISTS profiles (
+    user_id              TEXT PRIMARY KEY,
+    display_name         TEXT CHECK (display_name IS NULL OR length(display_name) BETWEEN 1 AND 100),
+    email                TEXT CHECK (email IS NULL OR length(email) <= 254),
+    avatar_url           TEXT,
+    preferences          TEXT NOT NULL DEFAULT '{}',
+    onboarding_completed INTEGER NOT NULL DEFAULT 0,
+    created_at           INTEGER NOT NULL,
+    updated_at           INTEGER NOT NULL
+);
+
+-- PB1 signatures accepted recently (replay protection, §10.2), kept until their timestamp + skew.
+CREATE TABLE IF NOT EXISTS seen_signatures (
+    signature  TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_signatures_expiry ON seen_signatures (expires_at);

@@ -1,0 +1,221 @@
+"""The HTTP side app (Quart-Trio on hypercorn): health, metrics, REST API and admin (§10).
+
+Cross-cutting rules live here: request ids, JSON error bodies, rate limits, CORS, security headers,
+body size and encoding limits. Routes are in :mod:`pocketbridge.http.api`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+import attrs
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import HTTP_ERRORS, ApiError
+from ..gateway.context import Gateway
+from ..limits import KeyedBuckets, peer_address
+from ..logs import request_id_var
+from ..protocol.auth import request_id
+
+log = logging.getLogger("pocketbridge.http")
+
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Content-Type, Authorization, X-PB-Device-ID, X-PB-Timestamp, X-PB-Signature, X-Request-ID, X-User-ID"
+CORS_EXPOSE = "X-Request-ID, Retry-After"
+READY_CACHE_SECONDS = 5.0
+PROBE_TIMEOUT = 3.0
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+@attrs.define
+class HttpLimits:
+    unauthenticated: KeyedBuckets
+    auth_failures: KeyedBuckets
+    per_device: KeyedBuckets
+    tokens: KeyedBuckets
+    device_mutations: KeyedBuckets
+    account_deletions: KeyedBuckets
+    admin: KeyedBuckets
+    admin_failures: KeyedBuckets
+
+    @classmethod
+    def from_config(cls, gw: Gateway) -> HttpLimits:
+        h, a = gw.config.http, gw.config.admin
+        return cls(
+            unauthenticated=KeyedBuckets(h.unauthenticated_per_ip_per_minute, 60.0),
+            auth_failures=KeyedBuckets(h.auth_failures_per_ip_per_minute, 60.0),
+            per_device=KeyedBuckets(h.requests_per_device_per_minute, 60.0),
+            tokens=KeyedBuckets(h.token_requests_per_device_per_minute, 60.0),
+            device_mutations=KeyedBuckets(h.device_mutations_per_user_per_minute, 60.0),
+            account_deletions=KeyedBuckets(h.account_deletions_per_user_per_hour, 3600.0),
+            admin=KeyedBuckets(a.requests_per_ip_per_minute, 60.0),
+            admin_failures=KeyedBuckets(a.auth_failures_per_ip_per_minute, 60.0),
+        )
+
+
+def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
+    """Spend one token of ``bucket`` for ``key`` or answer 429 with Retry-After."""
+    if not bucket.take(key):
+        gw.metrics.rate_limited.labels(name).inc()
+        raise ApiError("RATE_LIMITED", retry_after=max(1, math.ceil(bucket.retry_after(key))))
+
+
+def error_response(code: str, text: str | None = None, retry_after: int | None = None) -> Response:
+    status, default = HTTP_ERRORS[code]
+    body = {"error": text or default, "code": code, "request_id": getattr(g, "request_id", None) or request_id(None)}
+    return json_response(body, status, {"Retry-After": str(retry_after)} if retry_after is not None else None)
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload, separators=(",", ":")), status=status, content_type="application/json",
+                    headers=headers)
+
+
+class Readiness:
+    """Store and bus round trips, cached for a few seconds (§10.3)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._checked_at = -math.inf
+        self._services: dict[str, str] = {}
+
+    async def services(self, fresh: bool = False) -> dict[str, str]:
+        if fresh or trio.current_time() - self._checked_at > READY_CACHE_SECONDS:
+            self._services = {
+                "database": await self._probe(self._gw.store.ping),
+                "bus": await self._probe(self._gw.bus.ping),
+            }
+            self._checked_at = trio.current_time()
+        return self._services
+
+    @staticmethod
+    async def _probe(ping: Any) -> str:
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                await ping()
+                return "connected"
+            except Exception:
+                return "disconnected"
+        return "disconnected"
+
+
+HINTS = {
+    "database": "The database is unreachable; check [storage] settings.",
+    "bus": "The message bus is unreachable; check [bus] settings.",
+}
+
+
+def create_app(gw: Gateway) -> QuartTrio:
+    app = QuartTrio("pocketbridge")
+    app.config["MAX_CONTENT_LENGTH"] = gw.config.http.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    limits = HttpLimits.from_config(gw)
+    readiness = Readiness(gw)
+    cors = set(gw.config.http.cors_origins)
+    started = trio.current_time()
+    app.extensions["pocketbridge"] = (gw, limits)
+
+    @app.before_request
+    async def before() -> Response | None:
+        g.request_id = request_id(request.headers.get("X-Request-ID"))
+        request_id_var.set(g.request_id)
+        client = request.scope.get("client") or ("unknown", 0)
+        g.peer = peer_address(client[0], request.headers.getlist("X-Forwarded-For"), gw.limits.trusted_proxies)
+        if request.method == "OPTIONS":
+            return Response("", status=204)
+        if request.headers.get("Content-Encoding"):
+            raise ApiError("UNSUPPORTED_MEDIA_TYPE")
+        return None
+
+    @app.after_request
+    async def after(response: Response) -> Response:
+        response.headers["X-Request-ID"] = getattr(g, "request_id", "") or request_id(None)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        path = request.path
+        if path.startswith(("/api", "/admin")):
+            response.headers["Cache-Control"] = "no-store"
+        origin = request.headers.get("Origin")
+        if origin and ("*" in cors or origin in cors):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+                response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+                response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return error_response(error.code, error.text, error.retry_after)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+        return error_response(code.get(error.code or 500, "NOT_FOUND" if (error.code or 500) < 500 else "INTERNAL_ERROR"))
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        log.error("request failed: %s", type(error).__name__, exc_info=error)
+        return error_response("INTERNAL_ERROR")
+
+    # --- health and metrics ----------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        services = await readiness.services()
+        body: dict[str, Any] = {
+            "status": "ok",
+            "timestamp": gw.clock.now_ms(),
+            "uptime": round(trio.current_time() - started, 1),
+            "services": services,
+            "version": __version__,
+        }
+        down = [name for name, state in services.items() if state != "connected"]
+        if not down:
+            return json_response(body)
+        body["status"] = "degraded"
+        body["hint"] = " ".join(HINTS[name] for name in down)
+        return json_response(body, 503, {"Retry-After": "30"})
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        return json_response({"status": "ok"})
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        if gw.draining:
+            return json_response({"status": "draining"}, 503, {"Retry-After": "5"})
+        services = await readiness.services()
+        if all(state == "connected" for state in services.values()):
+            return json_response({"status": "ready"})
+        return json_response({"status": "not_ready", "services": services}, 503, {"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if gw.config.listen.metrics or not str(g.peer).startswith(LOOPBACK):
+            raise ApiError("NOT_FOUND")
+        return Response(generate_latest(gw.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    from .api import register
+
+    register(app, gw, limits)
+    return app
+
+
+def create_metrics_app(gw: Gateway) -> QuartTrio:
+    """The app of a separate ``[listen] metrics`` listener: /metrics only, open to any peer there."""
+    app = QuartTrio("pocketbridge-metrics")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,40 @@
+"""Serve the HTTP app with hypercorn inside the daemon's nursery."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from ..gateway.context import Gateway
+from .app import create_app, create_metrics_app
+
+
+def _hypercorn_config(bind: tuple[str, int], gw: Gateway) -> HypercornConfig:
+    host, port = bind
+    cfg = HypercornConfig()
+    cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("pocketbridge.http.server")
+    cfg.graceful_timeout = gw.config.drain.window
+    cfg.keep_alive_timeout = 30
+    cfg.include_server_header = False
+    return cfg
+
+
+async def serve_http(gw: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """The API listener (``[listen] http``) and, if configured, the separate metrics listener.
+
+    ``task_status.started((http_port, metrics_port or None))`` once both are bound."""
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, create_app(gw), _hypercorn_config(gw.config.http_address(), gw))
+        http_port = int(binds[0].rsplit(":", 1)[1])
+        metrics_port = None
+        metrics_address = gw.config.metrics_address()
+        if metrics_address is not None:
+            mbinds = await nursery.start(serve, create_metrics_app(gw), _hypercorn_config(metrics_address, gw))
+            metrics_port = int(mbinds[0].rsplit(":", 1)[1])
+        task_status.started((http_port, metrics_port))
