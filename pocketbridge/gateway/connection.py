@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from trio_websocket._impl import CloseReason  # pinned trio-websocket 0.12
+from wsproto import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from ..errors import MESSAGE_TOO_BIG, TRY_AGAIN, Close
 
 log = logging.getLogger("pocketbridge.gateway")
+
+
+FRAME_ERRORS = {1007: "Invalid UTF-8 in text frame", 1002: "Protocol error", 1009: MESSAGE_TOO_BIG.reason}
 
 
 class Socket(WebSocketConnection):
@@ -42,9 +47,27 @@ class Socket(WebSocketConnection):
         self._message_size += size - len(data)
         await super()._handle_message_event(event)
 
+    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
+        # wsproto reports a frame it cannot parse (e.g. invalid UTF-8 in a text frame: 1007) as a
+        # close event while the connection is still open; answer it with a close frame of that code
+        # (and a fixed reason) instead of just dropping the TCP connection.
+        if self._wsproto.state == ConnectionState.OPEN:
+            reason = FRAME_ERRORS.get(event.code, "Protocol error")
+            self._close_reason = CloseReason(event.code, reason)
+            try:
+                await self._send(CloseConnection(code=event.code, reason=reason))
+            except ConnectionClosed:
+                pass
+            event = CloseConnection(code=event.code, reason=reason)
+        await super()._handle_close_connection_event(event)
+
     async def _handle_pong_event(self, event: Pong) -> None:
         self.last_pong = trio.current_time()
         await super()._handle_pong_event(event)
+
+    async def abort(self) -> None:
+        """Close the TCP connection without a close handshake (the peer sees 1006)."""
+        await self._close_stream()
 
     async def send_ping(self) -> None:
         """A protocol ping without waiting for its pong (see ``last_pong``)."""
@@ -95,7 +118,9 @@ class Connection:
         self.closed_by_peer = False
         self.overflowed = False
         self._final: str | None = None
-        self._inflight: str | None = None
+        self._writer_scope: trio.CancelScope | None = None
+        self._sending = False
+        self._sent = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._close_timeout = close_timeout
 
@@ -129,31 +154,51 @@ class Connection:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def run_writer(self) -> None:
-        try:
-            while True:
-                # kept until fully sent: a close that cancels this task mid-send resends it first
-                self._inflight = await self.outbox.get()
-                await self.ws.send_message(self._inflight)
-                self._inflight = None
-        except ConnectionClosed:
-            self.peer_closed()
+    async def run_writer(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The one task that writes to the socket. It runs outside the connection's nursery and is
+        never cancelled mid-frame (a frame cut in half would corrupt the stream): :meth:`finish`
+        stops it between frames, or aborts the TCP connection if a frame cannot get out in time."""
+        with trio.CancelScope() as scope:
+            self._writer_scope = scope
+            task_status.started()
+            try:
+                while True:
+                    message = await self.outbox.get()
+                    self._sending = True
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await self.ws.send_message(message)
+                    finally:
+                        self._sending = False
+                        self._sent.set()
+                        self._sent = trio.Event()
+            except ConnectionClosed:
+                self.peer_closed()
 
     async def finish(self) -> None:
-        """Flush what is queued (unless the peer is too slow for it), send the final message and the
-        close frame; never raises, never outlives close_timeout."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self._close_timeout):
-            try:
-                if self.close_reason is not None and not self.closed_by_peer:
-                    if not self.overflowed:
-                        if self._inflight is not None:
-                            await self.ws.send_message(self._inflight)
-                        while self.outbox.size:
+        """Let the frame being written finish, flush what is queued (unless the peer is too slow
+        for it), send the final message and the close frame. Never raises; after close_timeout the
+        TCP connection is aborted instead."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self._close_timeout) as deadline:
+                try:
+                    while self._sending:
+                        await self._sent.wait()
+                    self._stop_writer()
+                    if self.close_reason is not None and not self.closed_by_peer:
+                        while not self.overflowed and self.outbox.size:
                             await self.ws.send_message(await self.outbox.get())
-                    if self._final is not None:
-                        await self.ws.send_message(self._final)
-                    await self.ws.aclose(self.close_reason.code, self.close_reason.reason)
-                else:
-                    await self.ws.aclose()
-            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                        if self._final is not None:
+                            await self.ws.send_message(self._final)
+                        await self.ws.aclose(self.close_reason.code, self.close_reason.reason)
+                    else:
+                        await self.ws.aclose()
+                except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            self._stop_writer()
+            if deadline.cancelled_caught:
+                await self.ws.abort()
+
+    def _stop_writer(self) -> None:
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()

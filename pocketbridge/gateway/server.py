@@ -82,7 +82,7 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
                 return
             limits.connections_per_ip.add(peer)
             try:
-                await serve_websocket(gw, ws, peer)
+                await serve_websocket(gw, ws, peer, nursery)
             finally:
                 limits.connections_per_ip.remove(peer)
         except ConnectionClosed:
@@ -91,7 +91,8 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def serve_websocket(gw: Gateway, ws: Socket, peer: str) -> None:
+async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nursery) -> None:
+    """The WebSocket session of one connection; its writer runs in ``outer`` (see Connection)."""
     cfg = gw.config.ws
     conn = Connection(
         ws, peer,
@@ -101,10 +102,10 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str) -> None:
     )
     gw.metrics.connections_open.inc()
     session: Session | None = None
+    await outer.start(conn.run_writer)
     try:
         async with trio.open_nursery() as nursery:
             conn.bind(nursery.cancel_scope)
-            nursery.start_soon(conn.run_writer)
             try:
                 with trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
                     device, wire_device_id = await perform_handshake(gw, conn)

@@ -32,7 +32,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..limits import KeyedBuckets
-from ..protocol.envelope import Message, encode
+from ..protocol.envelope import Message, as_integral, encode
 from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
 from ..protocol.replay import make_token, parse_replay_request, read_token
 from ..store import Device, Outcome, StoredEvent
@@ -116,7 +116,7 @@ class Session:
         gw.metrics.sessions_open.inc()
         await gw.hub.attach(self)
         await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
-        self._start_live(await gw.store.head_seq(self.user_id))
+        head = await gw.store.head_seq(self.user_id)
         await gw.store.set_presence(self.device_id, self.connection_id, True)
         self.conn.send(
             encode(
@@ -132,6 +132,9 @@ class Session:
                 }
             )
         )
+        # live delivery starts only now, so no event precedes session_established; notices that
+        # arrived meanwhile are filled from the store
+        self._start_live(head)
         await self._announce(online=True)
 
     async def teardown(self) -> None:
@@ -319,10 +322,9 @@ class Session:
         """§5.6: match an ack to a delivered event; malformed or unmatched acks are ignored."""
         if not isinstance(payload, dict):
             return
-        device_seq = payload.get("device_seq")
-        if isinstance(device_seq, bool) or not isinstance(device_seq, (int, float)) or device_seq != int(device_seq):
+        device_seq = as_integral(payload.get("device_seq"))
+        if device_seq is None:
             return
-        device_seq = int(device_seq)
         event_id = payload.get("event_id")
         if isinstance(event_id, str):
             entry = self._deliveries.get(event_id.lower())
