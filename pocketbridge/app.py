@@ -26,7 +26,7 @@ from .gateway.session import event_message
 from .http.server import serve_http
 from .hub import Hub
 from .identity import load_or_create_identity
-from .maintenance import run_purger
+from .maintenance import run_catch_up, run_heartbeat, run_purger
 from .metrics import Metrics
 from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
@@ -92,8 +92,8 @@ class Daemon:
     async def _run(self, handle_signals: bool, task_status: Any) -> None:
         self.clock.anchor()
         identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
-        store = open_store(self.config, self.clock)
-        bus = open_bus(self.config)
+        store = open_store(self.config, self.clock, self.instance_id)
+        bus = open_bus(self.config, self.instance_id)
         hub = Hub(bus)
 
         async def on_commit(events: Sequence[StoredEvent]) -> None:
@@ -108,6 +108,10 @@ class Daemon:
             await services.start(bus.run, hub.dispatch)
             await services.start(store.run, on_commit)
             services.start_soon(run_purger, store, self.config)
+            if self.config.storage.backend != "sqlite":
+                services.start_soon(run_heartbeat, store, self.instance_id)
+            if self.config.bus.backend != "memory":
+                services.start_soon(run_catch_up, hub, store, bus)
             self.gateway = Gateway(
                 config=self.config, clock=self.clock, identity=identity, store=store, bus=bus, hub=hub,
                 metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,

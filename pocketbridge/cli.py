@@ -66,6 +66,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store.postgres import migrate
+
+    config = _load(args)
+    if config.storage.backend != "postgres":
+        print("nothing to migrate: [storage] backend is sqlite (the embedded store migrates itself at start)")
+        return 0
+    try:
+        before, after = migrate(config.storage.dsn)
+    except Exception as exc:  # psycopg errors: a clear line, never a traceback
+        print(f"pocketbridge: migration failed: {type(exc).__name__}: {exc}".strip(), file=sys.stderr)
+        return 1
+    print(f"schema version {before} -> {after}" if before != after else f"schema is up to date (version {after})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketbridge", description="End-to-end-encrypted multi-device sync relay")
     parser.add_argument("--version", action="version", version=f"pocketbridge {__version__}")
@@ -80,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("keygen", "create the server identity key file (refuses to overwrite)")
     p.add_argument("--out", metavar="FILE", help="write here instead of [server] identity_key_file")
     p.set_defaults(func=cmd_keygen)
+    add("migrate", "create or upgrade the PostgreSQL schema (safe to run on every start)").set_defaults(
+        func=cmd_migrate
+    )
     add("check-config", "validate the configuration and exit non-zero if it is invalid").set_defaults(
         func=cmd_check_config
     )
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    from .client.cli import add_client_parser
+
+    add_client_parser(sub)
     return parser
 
 

@@ -21,6 +21,8 @@ class Member(Protocol):
 
     def on_bus(self, message: BusMessage) -> None: ...
 
+    def catch_up(self, head: int) -> None: ...
+
     def replaced(self) -> None: ...
 
 
@@ -34,6 +36,10 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return len(self._devices)
+
+    @property
+    def users(self) -> list[str]:
+        return list(self._users)
 
     def user_sessions(self, user_id: str) -> frozenset[Member]:
         return frozenset(self._users.get(user_id, ()))

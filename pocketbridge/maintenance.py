@@ -1,4 +1,5 @@
-"""Background upkeep in the daemon's nursery: purge expired events and those past retention."""
+"""Background upkeep in the daemon's nursery: purging expired and old events, the instance
+heartbeat (presence across instances) and the catch-up poll behind the bus."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 
 import trio
 
+from .bus import Bus
 from .config import Config
 from .errors import StoreUnavailable
+from .hub import Hub
 from .store import Store
 
 log = logging.getLogger("pocketbridge.maintenance")
@@ -38,3 +41,44 @@ async def run_purger(store: Store, config: Config) -> None:
         except StoreUnavailable:
             log.warning("event purge skipped: store unavailable")
         await trio.sleep(config.retention.purge_interval)
+
+
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_MS = 90_000  # devices of an instance silent this long are shown offline (§4: within 2 min)
+CATCH_UP_HEALTHY = 5.0
+CATCH_UP_DEGRADED = 0.5
+CATCH_UP_CHUNK = 500
+
+
+async def run_heartbeat(store: Store, instance_id: str) -> None:
+    """Keep this instance's presence rows trustworthy across instances."""
+    while True:
+        try:
+            stale = await store.beat(instance_id, STALE_AFTER_MS)
+            if stale:
+                log.info("marked %d devices of stopped instances offline", stale)
+        except StoreUnavailable:
+            log.warning("instance heartbeat skipped: store unavailable")
+        await trio.sleep(HEARTBEAT_SECONDS)
+
+
+async def run_catch_up(hub: Hub, store: Store, bus: Bus) -> None:
+    """The store is the truth: poll the heads of the users connected here and fill what the bus
+    missed — every few seconds while it is healthy, twice a second while it is down, and at once
+    when it comes back."""
+    while True:
+        with trio.move_on_after(CATCH_UP_HEALTHY if bus.connected else CATCH_UP_DEGRADED):
+            reconnected = getattr(bus, "reconnected", None)
+            if reconnected is not None:
+                await reconnected.wait()
+            else:
+                await trio.sleep_forever()
+        users = hub.users
+        for i in range(0, len(users), CATCH_UP_CHUNK):
+            try:
+                heads = await store.heads(users[i : i + CATCH_UP_CHUNK])
+            except StoreUnavailable:
+                break
+            for user_id, head in heads.items():
+                for member in hub.user_sessions(user_id):
+                    member.catch_up(head)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from pocketbridge.app import Daemon, Running
 from pocketbridge.config import Config, load_config, with_overrides
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# The machine's PostgreSQL and Redis (CI has them too). Each test session gets its own database.
+PG_ADMIN_DSN = os.environ.get("PB_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("PB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
@@ -25,6 +29,59 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
         listen={"ws": "127.0.0.1:0", "http": "127.0.0.1:0"},
     )
     return with_overrides(base, **sections) if sections else base
+
+
+def _with_dsn(dsn: str, dbname: str) -> str:
+    return dsn.rsplit("/", 1)[0] + "/" + dbname
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A fresh, migrated database on the machine's PostgreSQL for this test session (dropped after)."""
+    import psycopg
+
+    from pocketbridge.store.postgres import migrate
+
+    name = f"pocketbridge_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {type(exc).__name__}")
+    dsn = _with_dsn(PG_ADMIN_DSN, name)
+    migrate(dsn)
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except (redis.RedisError, OSError) as exc:
+        pytest.skip(f"Redis is not reachable at {REDIS_URL}: {type(exc).__name__}")
+    return REDIS_URL
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis]),
+    ]
+)
+def backend(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """Config sections selecting a backend: the embedded default, or PostgreSQL + Redis."""
+    if request.param == "sqlite":
+        return {}
+    return {
+        "storage": {"backend": "postgres", "dsn": request.getfixturevalue("postgres_dsn")},
+        "bus": {"backend": "redis", "url": request.getfixturevalue("redis_url")},
+    }
 
 
 @asynccontextmanager
@@ -40,9 +97,12 @@ async def run_daemon(config: Config) -> AsyncIterator[tuple[Daemon, Running]]:
 
 
 @pytest.fixture
-def config_factory(tmp_path: Path) -> Callable[..., Config]:
+def config_factory(tmp_path: Path, backend: dict[str, dict[str, Any]]) -> Callable[..., Config]:
+    """Builds configs for this test's backend (every e2e test runs on both backends)."""
+
     def factory(**sections: dict[str, Any]) -> Config:
-        return make_config(tmp_path / "data", **sections)
+        merged = {name: {**backend.get(name, {}), **sections.get(name, {})} for name in {*backend, *sections}}
+        return make_config(tmp_path / "data", **merged)
 
     return factory
 

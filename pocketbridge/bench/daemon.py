@@ -112,7 +112,7 @@ class DaemonProcess:
         if self.config_file:
             cmd += ["--config", self.config_file]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603
+            self.proc = subprocess.Popen(
                 cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.dir
             )
         deadline = time.monotonic() + timeout

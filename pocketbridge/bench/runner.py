@@ -26,7 +26,16 @@ import trio
 from .. import __version__
 from .cli import SCENARIOS
 from .daemon import DaemonProcess, describe_config
-from .sysinfo import cpu_seconds, machine_info, percentiles, raise_nofile, rss_kb
+from .sysinfo import (
+    busy_cores,
+    cpu_seconds,
+    machine_info,
+    machine_jiffies,
+    main_thread_cpu_seconds,
+    percentiles,
+    raise_nofile,
+    rss_kb,
+)
 
 TARGETS = {
     "relay_delivered_all_per_s": 1500,
@@ -188,6 +197,9 @@ class Env:
     def cpu(self) -> float | None:
         return cpu_seconds(self.pid) if self.pid else None
 
+    def loop_cpu(self) -> float | None:
+        return main_thread_cpu_seconds(self.pid) if self.pid else None
+
     def rss(self) -> int | None:
         return rss_kb(self.pid) if self.pid else None
 
@@ -259,10 +271,14 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
             cmd.update(window=p.window, max_events=int(p.duration * 100_000))
         else:
             cmd.update(rate_per_user=mode["rate"] / p.users, offset_step_s=1.0 / mode["rate"])
-        cpu0 = env.cpu()
+        cpu0, loop0, jif0, t0 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
         replies = await call_all(workers, [cmd] * len(workers), timeout=p.duration + 2 * p.drain + 60)
-        cpu1 = env.cpu()
-        results.append(_relay_summary(mode, replies, cpu0, cpu1, start_at))
+        cpu1, loop1, jif1, t1 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
+        summary = _relay_summary(mode, replies, cpu0, cpu1, start_at)
+        if loop0 is not None and loop1 is not None and "daemon" in summary and summary["active_s"] > 0:
+            summary["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / summary["active_s"], 1)
+        summary["machine_load"] = _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies)
+        results.append(summary)
     await call_all(workers, [{"cmd": "relay_teardown", "timeout": 15}] * len(workers), timeout=30)
     return {
         "users": p.users,
@@ -276,6 +292,25 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
         "duplicates": sum(m["duplicates"] for m in results),
         "losses": sum(m["losses"] for m in results),
         "daemon_rss_kb_after": env.rss(),
+    }
+
+
+def _machine_load(
+    jif0: Any, jif1: Any, wall: float, cpu0: float | None, cpu1: float | None, replies: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Cores busy on the whole machine over a step, and how much of it was the daemon and the workers."""
+    load = busy_cores(jif0, jif1)
+    if load is None or wall <= 0:
+        return None
+    ours = sum(r["cpu"]["user"] + r["cpu"]["sys"] for r in replies)
+    if cpu0 is not None and cpu1 is not None:
+        ours += cpu1 - cpu0
+    ours_cores = round(ours / wall, 2)
+    return {
+        "machine_busy_cores": load["busy"],
+        "softirq_cores": load["softirq"],
+        "bench_processes_cores": ours_cores,
+        "other_cores": round(max(0.0, load["busy"] - ours_cores - load["softirq"]), 2),
     }
 
 
@@ -322,7 +357,7 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
     counts = split(p.handshakes, len(workers))
     conc = [max(1, c) for c in split(p.concurrency, len(workers))]
     start_at = time.time() + 1.0 + p.handshakes / 2000  # key generation happens before
-    cpu0 = env.cpu()
+    cpu0, loop0, jif0, t0 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
     replies = await call_all(
         workers,
         [
@@ -331,7 +366,7 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
         ],
         timeout=120 + p.handshakes / 10,
     )
-    cpu1 = env.cpu()
+    cpu1, loop1, jif1, t1 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
     start = min(r["start_ns"] for r in replies)
     end = max(r["end_ns"] for r in replies)
     wall = (end - start) / 1e9
@@ -349,9 +384,12 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
         "workers": [_cpu_report(r["cpu"], wall) for r in replies],
         "duplicates": 0,
         "losses": sum(r["failed"] for r in replies),
+        "machine_load": _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies),
     }
     if cpu0 is not None and cpu1 is not None:
         out["daemon"] = {"cpu_s": round(cpu1 - cpu0, 2), "cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1) if wall else None}
+        if loop0 is not None and loop1 is not None and wall:
+            out["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / wall, 1)
     return out
 
 
@@ -407,7 +445,7 @@ async def run_memory(env: Env, p: Params) -> dict[str, Any]:
 async def run_replay(env: Env, p: Params) -> dict[str, Any]:
     reply = await env.workers[0].call(
         {"cmd": "replay", "url": env.url, "events": p.replay_events, "window": p.replay_window,
-         "page_sizes": p.replay_page_sizes, "timeout": 60 + p.replay_events / 100},
+         "page_sizes": p.replay_page_sizes, "timeout": 60 + p.replay_events / 100, "daemon_pid": env.pid},
         timeout=90 + p.replay_events / 100,
     )
     pages = reply["pages"]
@@ -438,7 +476,14 @@ def _f(value: Any, digits: int = 1) -> str:
 
 
 def _lat(d: dict[str, Any]) -> str:
-    return "/".join(_f(d.get(k), 1) for k in ("p50", "p95", "p99"))
+    return "/".join("n/a" if d.get(k) is None else f"{d[k]:.1f}" for k in ("p50", "p95", "p99"))
+
+
+def _load_text(load: dict[str, Any]) -> str:
+    return (
+        f"machine: {load['machine_busy_cores']:.2f} cores busy = daemon+workers {load['bench_processes_cores']:.2f}"
+        f" + softirq {load['softirq_cores']:.2f} + other processes {load['other_cores']:.2f}"
+    )
 
 
 def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -470,8 +515,10 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def render(summary: dict[str, Any]) -> str:
     m, d = summary["machine"], summary.get("daemon") or {}
     lines = [
-        f"PocketBridge {summary['pocketbridge']} benchmark — {m['cpu_model']}, {m['cores']} cores, "
-        f"{_f(m['ram_mib'])} MiB RAM, Python {m['python']}, kernel {m['kernel']}",
+        (
+            f"PocketBridge {summary['pocketbridge']} benchmark — {m['cpu_model']}, {m['cores']} cores, "
+            f"{_f(m['ram_mib'])} MiB RAM, Python {m['python']}, kernel {m['kernel']}"
+        ),
         f"server: {summary['target']}"
         + (f"; storage {d.get('storage_backend')}"
            + (f" (synchronous={d['sqlite_synchronous']})" if d.get("sqlite_synchronous") else "")
@@ -489,18 +536,23 @@ def render(summary: dict[str, Any]) -> str:
                 f"acking by device_seq), {r['processes']} generator processes, {r['payload_bytes']} B payloads, "
                 f"{r['duration_s']:g} s per mode"
             )
-            head = (f"  {'mode':<14}{'sent':>8}{'acked/s':>10}{'all-dev/s':>11}{'ack p50/95/99 ms':>20}"
-                    f"{'deliv p50/95/99':>19}{'all-dev p50/95/99':>20}{'dup':>5}{'loss':>6}{'daemon':>8}  workers CPU")
+            head = (f"  {'mode':<14}{'sent':>8}{'acked/s':>10}{'all-dev/s':>11}{'ack p50/95/99 ms':>22}"
+                    f"{'deliv p50/95/99':>22}{'all-dev p50/95/99':>22}{'dup':>5}{'loss':>6}{'daemon':>8}  workers CPU")
             lines.append(head)
             for x in r["modes"]:
                 daemon_cpu = f"{_f(x['daemon']['cpu_pct'], 0)}%" if x.get("daemon") else "n/a"
                 wcpu = " ".join(f"{_f(w['cpu_pct'], 0)}%" for w in x["workers"])
                 lines.append(
                     f"  {x['label']:<14}{x['sent']:>8,}{_f(x['events_per_s_acked']):>10}"
-                    f"{_f(x['events_per_s_delivered_all']):>11}{_lat(x['ack_latency_ms']):>20}"
-                    f"{_lat(x['delivery_latency_ms']):>19}{_lat(x['delivery_all_latency_ms']):>20}"
+                    f"{_f(x['events_per_s_delivered_all']):>11}{_lat(x['ack_latency_ms']):>22}"
+                    f"{_lat(x['delivery_latency_ms']):>22}{_lat(x['delivery_all_latency_ms']):>22}"
                     f"{x['duplicates']:>5}{x['losses']:>6}{daemon_cpu:>8}  {wcpu}"
                 )
+                load = x.get("machine_load")
+                if load:
+                    loop = (x.get("daemon") or {}).get("main_thread_cpu_pct")
+                    loop_text = f"daemon event-loop thread {_f(loop, 0)}%; " if loop is not None else ""
+                    lines.append(f"    {loop_text}{_load_text(load)}")
                 if x["unacked"] or x["errors"]:
                     lines.append(f"    unacked {x['unacked']}; errors: {'; '.join(x['errors'][:3]) or 'none'}")
     if "handshakes" in sc:
@@ -516,6 +568,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"p99 {_f(h['latency_ms']['p99'])} ms; failures {h['failed']}{daemon_cpu}; "
                 f"workers CPU {' '.join(_f(w['cpu_pct'], 0) + '%' for w in h['workers'])}"
             )
+            if h.get("machine_load"):
+                lines.append(f"  {_load_text(h['machine_load'])}")
             if h["failures"]:
                 lines.append(f"  failures: {'; '.join(h['failures'][:3])}")
     if "memory" in sc:
@@ -542,9 +596,13 @@ def render(summary: dict[str, Any]) -> str:
                 f"one sender, windowed); a fresh device of the same user replays and acks them:"
             )
             for x in rp["runs"]:
+                cpu = f"client CPU {_f(x['client_cpu_pct'], 0)}%"
+                if x.get("daemon_cpu_pct") is not None:
+                    cpu += f", daemon CPU {_f(x['daemon_cpu_pct'], 0)}%"
                 lines.append(
                     f"  page size {x['page_size']:>5}: {x['received']:,} events in {x['pages']} pages, "
-                    f"{x['seconds']:.3f} s = {_f(x['events_per_s'])} events/s; dup {x['duplicates']}, loss {x['losses']}"
+                    f"{x['seconds']:.3f} s = {_f(x['events_per_s'])} events/s; dup {x['duplicates']}, "
+                    f"loss {x['losses']}; {cpu}"
                 )
     if summary.get("targets"):
         lines += ["", "targets:"]
@@ -593,10 +651,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"pocketbridge bench: {exc}", file=sys.stderr)
         return 2
     nofile = raise_nofile()  # inherited by the daemon and the workers
+    # what else is running: the figures are only meaningful on an otherwise idle machine
+    jif0 = machine_jiffies()
+    time.sleep(0.5 if args.quick else 2.0)
+    background = busy_cores(jif0, machine_jiffies())
+    if background and background["busy"] > 0.2:
+        print(
+            f"[bench] warning: the machine is already busy ({background['busy']:.2f} cores) before the benchmark "
+            "starts; the figures will be lower than on an idle machine",
+            file=sys.stderr,
+            flush=True,
+        )
     summary: dict[str, Any] = {
         "pocketbridge": __version__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "busy_cores_before_start": background and background["busy"]},
         "command": " ".join(["pocketbridge", *sys.argv[1:]]) if sys.argv else None,
         "target": args.url or "daemon subprocess per scenario (python -m pocketbridge serve, fresh temp data dir)",
         "params": {**attrs.asdict(params), "quick": bool(args.quick)},

@@ -73,6 +73,37 @@ def cpu_seconds(pid: int) -> float | None:
     return (utime + stime) / _CLK_TCK
 
 
+def machine_jiffies() -> tuple[int, int, int] | None:
+    """(all, idle + iowait, softirq) jiffies summed over every CPU, from the first line of /proc/stat."""
+    text = _read("/proc/stat")
+    if not text:
+        return None
+    values = [int(v) for v in text.splitlines()[0].split()[1:]] + [0] * 10
+    guest = values[8] + values[9]  # guest time is already counted in user/nice
+    return sum(values) - guest, values[3] + values[4], values[6]
+
+
+def busy_cores(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict[str, float] | None:
+    """Cores' worth of CPU the whole machine used (and of it, softirq) between two machine_jiffies() readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    total, idle, softirq = (a - b for a, b in zip(after, before, strict=True))
+    cores = os.cpu_count() or 1
+    return {"busy": round((total - idle) / total * cores, 2), "softirq": round(softirq / total * cores, 2)}
+
+
+def main_thread_cpu_seconds(pid: int) -> float | None:
+    """CPU time of ``pid``'s main thread alone (the trio event loop of the daemon)."""
+    text = _read(f"/proc/{pid}/task/{pid}/stat")
+    if text is None:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
 def own_cpu() -> dict[str, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"user": ru.ru_utime, "sys": ru.ru_stime}

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from ..client import Client, ClientError, DeviceKey, connect, new_device_id
-from .sysinfo import own_cpu, raise_nofile
+from .sysinfo import cpu_seconds, own_cpu, raise_nofile
 
 STREAM = "clipboard:bench"
 TYPE = "clipboard:text"
@@ -71,7 +71,7 @@ def ms(ns: int) -> float:
 class UserPhase:
     """One user's bookkeeping for one relay phase."""
 
-    __slots__ = ("sched", "remaining", "seen", "stored", "statuses", "sent", "unacked")
+    __slots__ = ("remaining", "sched", "seen", "sent", "statuses", "stored")
 
     def __init__(self, receivers: int) -> None:
         self.sched: dict[int, int] = {}  # counter -> send (or scheduled) time_ns
@@ -80,7 +80,6 @@ class UserPhase:
         self.stored: set[int] = set()
         self.statuses: dict[str, int] = {}
         self.sent = 0
-        self.unacked = 0
 
 
 class Phase:
@@ -192,10 +191,8 @@ class UserRig:
         assert self.sender is not None and self.up is not None and self.phase is not None
         up, ph, sender = self.up, self.phase, self.sender
         async for seq, pending, counter, t_ns in items:
-            up.unacked += 1
             ack = await sender.wait_ack(seq, pending)
             now = time.time_ns()
-            up.unacked -= 1
             up.statuses[ack.status] = up.statuses.get(ack.status, 0) + 1
             if ack.status == "stored":
                 up.stored.add(counter)
@@ -489,15 +486,18 @@ class Worker:
                 store_events_per_s=round(stored / store_s, 1) if store_s > 0 else None,
                 store_cpu=cpu_delta(cpu0),
             )
+            pid = cmd.get("daemon_pid")
             for page_size in cmd["page_sizes"]:
                 async with connect(url, rig.key, new_device_id(), ack_event_ids=False) as device:
                     cpu0 = own_cpu()
+                    daemon0 = cpu_seconds(pid) if pid else None
                     t0 = time.perf_counter()
                     result = await device.replay(limit=int(page_size), ack=True)
                     elapsed = time.perf_counter() - t0
                     await device.ping()  # the server has processed every ack once the pong is back
                     acked_s = time.perf_counter() - t0
                     cpu = cpu_delta(cpu0)
+                    daemon1 = cpu_seconds(pid) if pid else None
                 counters = [HEADER.unpack_from(e.payload)[1] for e in result.events]
                 unique = set(counters)
                 out["pages"].append(
@@ -513,6 +513,11 @@ class Worker:
                         "events_per_s": round(len(counters) / elapsed, 1) if elapsed > 0 else None,
                         "seconds_incl_acks": round(acked_s, 4),
                         "cpu": cpu,
+                        "client_cpu_pct": round(100 * (cpu["user"] + cpu["sys"]) / acked_s, 1),
+                        "daemon_cpu_pct": (
+                            round(100 * (daemon1 - daemon0) / acked_s, 1)
+                            if daemon0 is not None and daemon1 is not None else None
+                        ),
                     }
                 )
         return out

@@ -48,6 +48,8 @@ Sink = Callable[[BusMessage], None]
 
 
 class Bus(Protocol):
+    connected: bool  # the fan-out between instances works (always True for the in-process bus)
+
     async def run(self, sink: Sink, *, task_status: Any = ...) -> None:
         """Deliver subscribed users' messages to ``sink`` (never blocking in it) until cancelled."""
 
@@ -62,9 +64,11 @@ class Bus(Protocol):
     async def ping(self) -> None: ...
 
 
-def open_bus(config: Config) -> Bus:
+def open_bus(config: Config, instance_id: str) -> Bus:
     if config.bus.backend == "memory":
         from .memory import MemoryBus
 
         return MemoryBus()
-    raise NotImplementedError(f"bus backend {config.bus.backend!r} is not available yet")
+    from .redis import RedisBus
+
+    return RedisBus(config.bus.url, instance_id)

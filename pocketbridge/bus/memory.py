@@ -11,6 +11,8 @@ from . import BusMessage, Sink
 
 
 class MemoryBus:
+    connected = True
+
     def __init__(self) -> None:
         self._sink: Sink | None = None
         self._subscribed: set[str] = set()

@@ -234,15 +234,15 @@ class Client:
     async def _send(self, message: dict[str, Any] | str) -> None:
         try:
             await self.ws.send_message(message if isinstance(message, str) else encode(message))
-        except ConnectionClosed:
-            raise self._closed_error() from None
+        except ConnectionClosed as exc:
+            raise self._closed_error(exc) from None
 
     async def send_raw(self, message: dict[str, Any] | str | bytes) -> None:
         """Send any frame as is (for tests and tools)."""
         try:
             await self.ws.send_message(message if isinstance(message, (str, bytes)) else encode(message))
-        except ConnectionClosed:
-            raise self._closed_error() from None
+        except ConnectionClosed as exc:
+            raise self._closed_error(exc) from None
 
     def next_device_seq(self) -> int:
         seq = self._next_seq
@@ -323,7 +323,10 @@ class Client:
             self._replies_send.close()
             self._notices_send.close()
 
-    def _closed_error(self) -> Closed:
+    def _closed_error(self, exc: ConnectionClosed | None = None) -> Closed:
+        """The close as the server sent it (the socket's record of it, if the reader has not seen it yet)."""
+        if self.close_code is None and exc is not None and exc.reason is not None:
+            self.close_code, self.close_reason = exc.reason.code, exc.reason.reason
         return Closed(self.close_code, self.close_reason)
 
     async def _wait_or_closed(self, event: trio.Event) -> None:

@@ -271,6 +271,11 @@ class Session:
         if self._early_max > head:
             self._wake_gap(self._early_max)
 
+    def catch_up(self, head: int) -> None:
+        """The store's head for this user is ``head``: fill anything the bus did not bring."""
+        if self._live and head > self.last:
+            self._wake_gap(head)
+
     def _wake_gap(self, upto: int) -> None:
         self._gap_upto = max(self._gap_upto, upto)
         if not self._gap_filling:
@@ -283,7 +288,7 @@ class Session:
             return
         if n.server_seq <= self.last:
             return
-        if self._gap_upto > self.last or n.server_seq != self.last + 1:
+        if self._gap_upto > self.last or n.server_seq != self.last + 1 or not n.wire:
             self._wake_gap(n.server_seq)
             return
         self.last = n.server_seq

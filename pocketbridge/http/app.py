@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -33,6 +33,7 @@ CORS_EXPOSE = "X-Request-ID, Retry-After"
 READY_CACHE_SECONDS = 5.0
 PROBE_TIMEOUT = 3.0
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format generate_latest writes
 
 
 @attrs.define
@@ -202,7 +203,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def metrics() -> Response:
         if gw.config.listen.metrics or not str(g.peer).startswith(LOOPBACK):
             raise ApiError("NOT_FOUND")
-        return Response(generate_latest(gw.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(gw.metrics.registry), content_type=METRICS_CONTENT_TYPE)
 
     from .api import register
 
@@ -216,6 +217,6 @@ def create_metrics_app(gw: Gateway) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(gw.metrics.registry), content_type=METRICS_CONTENT_TYPE)
 
     return app

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -181,6 +181,25 @@ def new_pairing_code() -> str:
     return f"{secrets.randbelow(1_000_000):06d}"
 
 
+# A conservative estimate of an event's encoded size beyond its payload (ids, keys, numbers).
+EVENT_OVERHEAD_BYTES = 400
+
+
+def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
+    """Fill a page from ascending event rows (fetched with LIMIT limit + 1), within ``max_bytes``."""
+    events: list[StoredEvent] = []
+    size = 0
+    for row in rows:
+        event = StoredEvent(*row)
+        cost = len(event.encrypted_payload) + EVENT_OVERHEAD_BYTES
+        if len(events) >= limit or (events and size + cost > max_bytes):
+            return Page(events, True)
+        events.append(event)
+        size += cost
+    return Page(events, False)
+
+
+
 CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
 
 
@@ -223,6 +242,12 @@ class Store(Protocol):
         """Delete up to ``limit`` events past their ttl (+ grace) or retention; returns the count."""
 
     async def head_seq(self, user_id: str) -> int: ...
+
+    async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Head seqs of several users (the catch-up poll)."""
+
+    async def beat(self, instance_id: str, stale_after_ms: int) -> int:
+        """Mark this instance alive; set devices of silent instances offline; returns how many."""
 
     async def count_pending(self, user_id: str, device_id: str, after: int, upto: int, now_ms: int) -> int:
         """Events of the user in (after, upto] not sent by ``device_id`` and not expired."""
@@ -267,10 +292,12 @@ class Store(Protocol):
         """A round trip; raises StoreUnavailable."""
 
 
-def open_store(config: Config, clock: Clock) -> Store:
+def open_store(config: Config, clock: Clock, instance_id: str) -> Store:
     """The configured backend (not yet running: start it with ``nursery.start(store.run, hook)``)."""
     if config.storage.backend == "sqlite":
         from .sqlite import SqliteStore
 
         return SqliteStore(config, clock)
-    raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available yet")
+    from .postgres import PostgresStore
+
+    return PostgresStore(config, clock, instance_id)

@@ -41,6 +41,7 @@ from . import (
     StoredEvent,
     Unrevoke,
     new_pairing_code,
+    paginate,
 )
 from .writer import BatchWriter, Op
 
@@ -58,8 +59,6 @@ _DEVICE_COLUMNS = (
     "device_id, user_id, bound_key, device_name, device_type, registered_at, last_seen, is_online, "
     "last_ack_device_seq, delivery_cursor, revoked_at"
 )
-# A conservative estimate of an event's encoded size beyond its payload (ids, keys, numbers).
-EVENT_OVERHEAD_BYTES = 400
 
 
 def _device(row: Sequence[Any]) -> Device:
@@ -489,6 +488,17 @@ class SqliteStore:
 
         return await self._read(q)
 
+    async def heads(self, user_ids: Sequence[str]) -> dict[str, int]:
+        def q(c: sqlite3.Connection) -> dict[str, int]:
+            marks = ",".join("?" * len(user_ids))
+            rows = c.execute(f"SELECT user_id, server_seq FROM users WHERE user_id IN ({marks})", tuple(user_ids))
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(q) if user_ids else {}
+
+    async def beat(self, instance_id: str, stale_after_ms: int) -> int:
+        return 0  # one process owns the file; it marks everything offline when it starts
+
     async def count_pending(self, user_id: str, device_id: str, after: int, upto: int, now_ms: int) -> int:
         def q(c: sqlite3.Connection) -> int:
             (n,) = c.execute(
@@ -562,20 +572,6 @@ def stored_row(e: StoredEvent) -> tuple[Any, ...]:
         e.user_id, e.server_seq, e.event_id, e.device_id, e.device_seq, e.stream_id, e.stream_seq,
         e.type, e.encrypted_payload, e.payload_size, e.ttl, e.created_at,
     )
-
-
-def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
-    """Fill a page from ascending event rows (fetched with LIMIT limit + 1), within ``max_bytes``."""
-    events: list[StoredEvent] = []
-    size = 0
-    for row in rows:
-        event = StoredEvent(*row)
-        cost = len(event.encrypted_payload) + EVENT_OVERHEAD_BYTES
-        if len(events) >= limit or (events and size + cost > max_bytes):
-            return Page(events, True)
-        events.append(event)
-        size += cost
-    return Page(events, False)
 
 
 def migrate(c: sqlite3.Connection) -> None:

@@ -119,6 +119,7 @@ class BatchWriter:
         try:
             stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
         except StoreUnavailable as exc:
+            log.warning("store batch of %d operations failed: %s", len(batch), exc)
             self._fail(batch, exc)
         except Exception:
             log.exception("store batch failed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import pytest
 import trio
 
@@ -269,11 +270,17 @@ async def test_purge_removes_expired_and_old_events(config_factory):
                 await a.send_event("s", "t", b"short-lived", ttl=now + 1000)
                 await a.send_event("s", "t", b"keeps")
                 await a.send_event("s", "t", b"old")
-        db = sqlite3.connect(cfg.sqlite_path())
-        with db:  # age one event beyond retention and let the other's ttl pass beyond the skew
-            db.execute("UPDATE events SET created_at = created_at - 2 * 86400000 WHERE device_seq = 3")
-            db.execute("UPDATE events SET ttl = ttl - 3600000 WHERE device_seq = 1")
-        db.close()
+        # age one event beyond retention and let the other's ttl pass beyond the skew
+        age = "UPDATE events SET created_at = created_at - {two_days} WHERE user_id = '{u}' AND device_seq = 3"
+        expire = f"UPDATE events SET ttl = ttl - 3600000 WHERE user_id = '{alice.public_hex}' AND device_seq = 1"
+        if cfg.storage.backend == "sqlite":
+            with sqlite3.connect(cfg.sqlite_path()) as db:
+                db.execute(age.format(two_days=2 * 86_400_000, u=alice.public_hex))
+                db.execute(expire)
+        else:
+            with psycopg.connect(cfg.storage.dsn, autocommit=True) as db:
+                db.execute(age.format(two_days="interval '2 days'", u=alice.public_hex))
+                db.execute(expire)
         assert await purge_once(daemon.gateway.store, cfg) == 2
         with trio.fail_after(T):
             async with connect(running.ws_url, alice, new_device_id()) as b:

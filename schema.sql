@@ -1,0 +1,151 @@
+-- PocketBridge PostgreSQL schema, version 1.
+-- Applied by `pocketbridge migrate` (versioned, idempotent, under an advisory lock); `serve` refuses to
+-- start on an unmigrated or newer schema. Times are timestamptz; the wire carries epoch milliseconds.
+
+CREATE TABLE IF NOT EXISTS pb_schema (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id       text PRIMARY KEY CHECK (user_id ~ '^[0-9a-f]{64}$'),
+    created_at    timestamptz NOT NULL,
+    server_seq    bigint NOT NULL DEFAULT 0 CHECK (server_seq >= 0),
+    deleting      boolean NOT NULL DEFAULT false,
+    last_activity timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS devices (
+    device_id           text PRIMARY KEY
+                        CHECK (device_id ~ '^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$'),
+    user_id             text NOT NULL REFERENCES users (user_id),
+    bound_key           text NOT NULL CHECK (bound_key ~ '^[0-9a-f]{64}$'),
+    device_name         text CHECK (device_name IS NULL OR char_length(device_name) BETWEEN 1 AND 50),
+    device_type         text CHECK (device_type IS NULL OR device_type IN ('mobile', 'desktop', 'web')),
+    registered_at       timestamptz NOT NULL,
+    last_seen           timestamptz,
+    is_online           boolean NOT NULL DEFAULT false,
+    connection_id       text,
+    instance_id         text,
+    last_ack_device_seq bigint NOT NULL DEFAULT 0,
+    delivery_cursor     bigint NOT NULL DEFAULT 0,
+    revoked_at          timestamptz,
+    revoke_reason       text CHECK (revoke_reason IS NULL OR char_length(revoke_reason) <= 200)
+);
+CREATE INDEX IF NOT EXISTS devices_user ON devices (user_id);
+CREATE INDEX IF NOT EXISTS devices_instance ON devices (instance_id) WHERE is_online;
+CREATE UNIQUE INDEX IF NOT EXISTS devices_name_per_user
+    ON devices (user_id, device_name) WHERE revoked_at IS NULL AND device_name IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS streams (
+    user_id   text NOT NULL,
+    stream_id text NOT NULL,
+    last_seq  bigint NOT NULL,
+    PRIMARY KEY (user_id, stream_id)
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    user_id           text NOT NULL,
+    server_seq        bigint NOT NULL,
+    event_id          text NOT NULL,
+    device_id         text NOT NULL,
+    device_seq        bigint NOT NULL CHECK (device_seq BETWEEN 1 AND 9007199254740991),
+    stream_id         text NOT NULL CHECK (char_length(stream_id) <= 256 AND stream_id ~ '^[A-Za-z0-9:_-]+$'),
+    stream_seq        bigint NOT NULL,
+    type              text NOT NULL CHECK (type ~ '^[A-Za-z0-9:_-]{1,64}$'),
+    encrypted_payload text NOT NULL,
+    payload_size      integer NOT NULL CHECK (payload_size >= 1),
+    ttl               bigint,
+    created_at        timestamptz NOT NULL,
+    PRIMARY KEY (user_id, server_seq),
+    UNIQUE (user_id, event_id),
+    UNIQUE (user_id, device_id, device_seq)
+);
+CREATE INDEX IF NOT EXISTS events_ttl ON events (ttl) WHERE ttl IS NOT NULL;
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+
+CREATE TABLE IF NOT EXISTS pairing_codes (
+    code       text PRIMARY KEY CHECK (code ~ '^[0-9]{6}$'),
+    user_id    text NOT NULL,
+    device_id  text NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL,
+    used       boolean NOT NULL DEFAULT false
+);
+
+CREATE TABLE IF NOT EXISTS profiles (
+    user_id              text PRIMARY KEY,
+    display_name         text CHECK (display_name IS NULL OR char_length(display_name) BETWEEN 1 AND 100),
+    email                text CHECK (email IS NULL OR char_length(email) <= 254),
+    avatar_url           text,
+    preferences          jsonb NOT NULL DEFAULT '{}',
+    onboarding_completed boolean NOT NULL DEFAULT false,
+    created_at           timestamptz NOT NULL,
+    updated_at           timestamptz NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS seen_signatures (
+    signature  text PRIMARY KEY,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_signatures_expiry ON seen_signatures (expires_at);
+
+-- Live instances (heartbeat); devices online on an instance that stopped beating are set offline.
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id text PRIMARY KEY,
+    last_beat   timestamptz NOT NULL
+);
+
+-- Millisecond helpers (the wire's unit).
+CREATE OR REPLACE FUNCTION pb_ms(t timestamptz) RETURNS bigint
+    LANGUAGE sql IMMUTABLE AS $$ SELECT (extract(epoch FROM t) * 1000)::bigint $$;
+CREATE OR REPLACE FUNCTION pb_ts(ms bigint) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE AS $$ SELECT to_timestamp(ms / 1000.0) $$;
+
+-- One event, one round trip: idempotency, server_seq and stream_seq in one call (§5.4).
+-- outcome: stored | duplicate | conflict | revoked | deleting
+CREATE OR REPLACE FUNCTION pb_append_event(
+    p_user text, p_event_id text, p_device text, p_device_seq bigint, p_stream text, p_type text,
+    p_payload text, p_size integer, p_ttl bigint, p_now bigint,
+    OUT outcome text, OUT server_seq bigint, OUT stream_seq bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_owner text; v_revoked timestamptz; v_deleting boolean; v_existing text;
+BEGIN
+    SELECT d.user_id, d.revoked_at, u.deleting INTO v_owner, v_revoked, v_deleting
+      FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = p_device;
+    IF v_owner IS NULL OR v_owner <> p_user OR v_revoked IS NOT NULL THEN
+        outcome := 'revoked'; RETURN;
+    END IF;
+    IF v_deleting THEN
+        outcome := 'deleting'; RETURN;
+    END IF;
+    SELECT e.event_id INTO v_existing FROM events e
+     WHERE e.user_id = p_user AND e.device_id = p_device AND e.device_seq = p_device_seq;
+    IF FOUND THEN
+        outcome := CASE WHEN v_existing = p_event_id THEN 'duplicate' ELSE 'conflict' END; RETURN;
+    END IF;
+    PERFORM 1 FROM events e WHERE e.user_id = p_user AND e.event_id = p_event_id;
+    IF FOUND THEN
+        outcome := 'duplicate'; RETURN;
+    END IF;
+    BEGIN
+    UPDATE users u SET server_seq = u.server_seq + 1, last_activity = pb_ts(p_now)
+     WHERE u.user_id = p_user RETURNING u.server_seq INTO server_seq;
+    INSERT INTO streams AS s (user_id, stream_id, last_seq) VALUES (p_user, p_stream, 1)
+        ON CONFLICT (user_id, stream_id) DO UPDATE SET last_seq = s.last_seq + 1
+        RETURNING s.last_seq INTO stream_seq;
+    INSERT INTO events (user_id, server_seq, event_id, device_id, device_seq, stream_id, stream_seq, type,
+                        encrypted_payload, payload_size, ttl, created_at)
+    VALUES (p_user, server_seq, p_event_id, p_device, p_device_seq, p_stream, stream_seq, p_type,
+            p_payload, p_size, p_ttl, pb_ts(p_now));
+    UPDATE devices SET last_ack_device_seq = greatest(last_ack_device_seq, p_device_seq)
+     WHERE device_id = p_device;
+    outcome := 'stored';
+    EXCEPTION WHEN unique_violation THEN
+        -- another instance committed the same event meanwhile: nothing of this call remains
+        outcome := 'duplicate'; server_seq := NULL; stream_seq := NULL;
+    END;
+END $$;
+
+INSERT INTO pb_schema (version) VALUES (1) ON CONFLICT DO NOTHING;
