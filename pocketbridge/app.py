@@ -95,6 +95,7 @@ class Daemon:
         store = open_store(self.config, self.clock, self.instance_id)
         bus = open_bus(self.config, self.instance_id)
         hub = Hub(bus)
+        self.metrics.watch(store, bus)
 
         async def on_commit(events: Sequence[StoredEvent]) -> None:
             await bus.publish(

@@ -5,6 +5,8 @@ Never label by user, device or error text.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -39,4 +41,19 @@ class Metrics:
         self.unknown_messages = Counter("pocketbridge_unknown_messages", "Messages of unknown type ignored", registry=r)
         self.rate_limited = Counter("pocketbridge_rate_limited", "Rate-limit rejections by limit", ["limit"], registry=r)
         self.scratchpad_dropped = Counter("pocketbridge_scratchpad_dropped", "scratchpad_sync messages dropped", registry=r)
-        self.store_queue = Gauge("pocketbridge_store_writer_queue", "Write operations waiting or in flight", registry=r)
+        self.store = Gauge(
+            "pocketbridge_store", "Store gauges: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open",
+            ["gauge"], registry=r,
+        )
+        self.bus_connected = Gauge("pocketbridge_bus_connected", "1 while the fan-out bus works", registry=r)
+        self.store_query_seconds = Histogram(
+            "pocketbridge_store_query_seconds", "Store call latency by kind (write batch, read)", ["kind"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
+        )
+
+    def watch(self, store: Any, bus: Any) -> None:
+        """Read the store's and bus's gauges at scrape time."""
+        for name in ("pool_size", "pool_idle", "pool_waiting", "writer_queue", "breaker_open"):
+            self.store.labels(name).set_function(lambda name=name: store.stats()[name])
+        self.bus_connected.set_function(lambda: float(bus.connected))
+        store.observe_with(lambda kind, seconds: self.store_query_seconds.labels(kind).observe(seconds))

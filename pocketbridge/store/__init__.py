@@ -291,6 +291,12 @@ class Store(Protocol):
     async def ping(self) -> None:
         """A round trip; raises StoreUnavailable."""
 
+    def observe_with(self, hook: Callable[[str, float], None]) -> None:
+        """Report each write batch's and read's latency to ``hook(kind, seconds)``."""
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for metrics: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open."""
+
 
 def open_store(config: Config, clock: Clock, instance_id: str) -> Store:
     """The configured backend (not yet running: start it with ``nursery.start(store.run, hook)``)."""

@@ -45,11 +45,12 @@ from . import (
     new_pairing_code,
     paginate,
 )
-from .writer import BatchWriter, Op
+from .writer import BatchWriter, Breaker, Op
 
 log = logging.getLogger("pocketbridge.store")
 
 SCHEMA_VERSION = 1
+POOL_WAIT = 3.0  # seconds to wait for a pooled connection before the call counts as a failure
 MIGRATION_LOCK = 0x706F636B  # advisory lock key held while migrating
 T = TypeVar("T")
 
@@ -111,11 +112,14 @@ class PostgresStore:
             min_size=1,
             max_size=st.pool_size,
             open=False,
-            timeout=st.op_timeout,
+            timeout=min(st.op_timeout, POOL_WAIT),
             kwargs={"autocommit": True, "options": f"-c statement_timeout={int(st.statement_timeout * 1000)}"},
             name="pocketbridge",
         )
-        self._writer = BatchWriter(self._apply_batch, batch_size=st.batch_size, op_timeout=st.op_timeout, clock=clock)
+        self.breaker = Breaker()
+        self._writer = BatchWriter(
+            self._apply_batch, batch_size=st.batch_size, op_timeout=st.op_timeout, clock=clock, breaker=self.breaker
+        )
         self.instance_id = instance_id
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -174,9 +178,31 @@ class PostgresStore:
             raise
 
     async def _read(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        with trio.move_on_after(self._op_timeout):
-            return await self._call(fn)
-        raise StoreUnavailable("PostgreSQL read timed out")
+        self.breaker.check()
+        try:
+            with trio.move_on_after(self._op_timeout):
+                started = trio.current_time()
+                result = await self._call(fn)
+                self._writer.observe("read", trio.current_time() - started)
+                self.breaker.succeeded()
+                return result
+            raise StoreUnavailable("PostgreSQL read timed out")
+        except StoreUnavailable:
+            self.breaker.failed()
+            raise
+
+    def observe_with(self, hook: Callable[[str, float], None]) -> None:
+        self._writer.observe = hook
+
+    def stats(self) -> dict[str, float]:
+        pool = self._pool.get_stats()
+        return {
+            "pool_size": pool.get("pool_size", 0),
+            "pool_idle": pool.get("pool_available", 0),
+            "pool_waiting": pool.get("requests_waiting", 0),
+            "writer_queue": self._writer.queued,
+            "breaker_open": float(self.breaker.is_open),
+        }
 
     # --- writes ----------------------------------------------------------------------------------
     def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:

@@ -43,7 +43,7 @@ from . import (
     new_pairing_code,
     paginate,
 )
-from .writer import BatchWriter, Op
+from .writer import BatchWriter, Breaker, Op
 
 log = logging.getLogger("pocketbridge.store")
 
@@ -70,11 +70,13 @@ class SqliteStore:
         self._path = config.sqlite_path()
         self._synchronous = config.storage.sqlite_synchronous.upper()
         self._clock = clock
+        self.breaker = Breaker()
         self._writer = BatchWriter(
             self._apply_batch,
             batch_size=config.storage.batch_size,
             op_timeout=config.storage.op_timeout,
             clock=clock,
+            breaker=self.breaker,
         )
         self._w: sqlite3.Connection | None = None
         self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)
@@ -474,8 +476,11 @@ class SqliteStore:
     # --- reads -----------------------------------------------------------------------------------
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = await self._pool_receive.receive()
+        started = trio.current_time()
         try:
-            return await trio.to_thread.run_sync(fn, conn)
+            result = await trio.to_thread.run_sync(fn, conn)
+            self._writer.observe("read", trio.current_time() - started)
+            return result
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"read failed: {type(exc).__name__}") from exc
         finally:
@@ -562,6 +567,18 @@ class SqliteStore:
             return [StoredEvent(*r) for r in rows], int(total)
 
         return await self._read(q)
+
+    def observe_with(self, hook: Callable[[str, float], None]) -> None:
+        self._writer.observe = hook
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "pool_size": READ_CONNECTIONS + 1,
+            "pool_idle": self._pool_receive.statistics().current_buffer_used,  # read connections not in use
+            "pool_waiting": self._pool_receive.statistics().tasks_waiting_receive,
+            "writer_queue": self._writer.queued,
+            "breaker_open": float(self.breaker.is_open),
+        }
 
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())

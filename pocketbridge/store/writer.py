@@ -26,6 +26,32 @@ FLUSH_INTERVAL = 1.0
 READS_CURSORS = frozenset({"admit", "complete_pairing"})
 
 
+class Breaker:
+    """Fail fast while the store is down: after a failure, calls are refused (StoreUnavailable) for
+    a cool-down that doubles up to ``max_cooldown``; the first call after it is the probe."""
+
+    def __init__(self, cooldown: float = 0.5, max_cooldown: float = 5.0) -> None:
+        self._base = self._cooldown = cooldown
+        self._max = max_cooldown
+        self._open_until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return trio.current_time() < self._open_until
+
+    def check(self) -> None:
+        if self.is_open:
+            raise StoreUnavailable("store unavailable (circuit open)")
+
+    def failed(self) -> None:
+        self._open_until = trio.current_time() + self._cooldown
+        self._cooldown = min(self._max, self._cooldown * 2)
+
+    def succeeded(self) -> None:
+        self._open_until = 0.0
+        self._cooldown = self._base
+
+
 class Op:
     """One write operation: ``kind`` names the backend handler, ``args`` its arguments."""
 
@@ -45,8 +71,11 @@ ApplyBatch = Callable[[Sequence[Op], int], list[StoredEvent]]
 
 
 class BatchWriter:
-    def __init__(self, apply_batch: ApplyBatch, *, batch_size: int, op_timeout: float, clock: Clock) -> None:
+    def __init__(
+        self, apply_batch: ApplyBatch, *, batch_size: int, op_timeout: float, clock: Clock, breaker: Breaker
+    ) -> None:
         self._apply_batch = apply_batch
+        self._breaker = breaker
         self._batch_size = batch_size
         self._op_timeout = op_timeout
         self._clock = clock
@@ -55,9 +84,11 @@ class BatchWriter:
         self._seen: dict[str, str] = {}  # device_id -> user_id
         self._last_flush = 0.0
         self.queued = 0  # operations waiting or in flight (a gauge for metrics)
+        self.observe: Callable[[str, float], None] = lambda kind, seconds: None  # latency hook (metrics)
 
     async def submit(self, kind: str, *args: Any) -> Any:
         """Queue one operation and wait for its commit; StoreUnavailable after ``op_timeout``."""
+        self._breaker.check()
         op = Op(kind, args)
         self.queued += 1
         try:
@@ -116,13 +147,18 @@ class BatchWriter:
     async def _commit(self, batch: list[Op], on_commit: CommitHook) -> None:
         now_ms = self._clock.now_ms()
         stored: list[StoredEvent] = []
+        started = trio.current_time()
         try:
             stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+            self.observe("write_batch", trio.current_time() - started)
+            self._breaker.succeeded()
         except StoreUnavailable as exc:
             log.warning("store batch of %d operations failed: %s", len(batch), exc)
+            self._breaker.failed()
             self._fail(batch, exc)
         except Exception:
             log.exception("store batch failed")
+            self._breaker.failed()
             self._fail(batch, StoreUnavailable("store batch failed"))
         if stored:
             try:
