@@ -15,11 +15,13 @@ from typing import Any
 
 import attrs
 import trio
+from attrs import evolve, fields_dict
 
 from . import __version__
 from .bus import EventNotice, open_bus
 from .clock import Clock
-from .config import Config
+from .config import Config, describe_problems, load_config
+from .errors import SHUTTING_DOWN, ConfigError
 from .gateway.context import Gateway, Limits
 from .gateway.server import serve_gateway
 from .gateway.session import event_message
@@ -30,6 +32,7 @@ from .maintenance import run_catch_up, run_heartbeat, run_purger
 from .metrics import Metrics
 from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
+from .systemd import notify, run_watchdog
 
 log = logging.getLogger("pocketbridge")
 
@@ -51,27 +54,58 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+# Sections that can change at run time (SIGHUP); the others need a restart.
+RELOADABLE = ("ws", "session", "events", "limits", "replay", "pairing", "retention", "http", "admin", "log")
+
+
 class Daemon:
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    """The daemon. ``services`` (store, bus, upkeep) outlive ``front`` (listeners, connections),
+    so a drain tears connections down while the store still takes their last writes."""
+
+    def __init__(self, config: Config, *, clock: Clock | None = None, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock or Clock()
         self.metrics = Metrics()
         self.instance_id = config.server.instance_id or secrets.token_hex(4)
         self.gateway: Gateway | None = None
-        self._front: trio.CancelScope | None = None
         self._root: trio.CancelScope | None = None
-        self._stop_requested = False
+        self._stop_requested = trio.Event()
+        self._http_shutdown = trio.Event()
 
     def stop(self) -> None:
-        """Begin an orderly stop (safe to call from any task, any number of times); whatever is still
-        running ``[drain] deadline`` seconds later is cancelled hard."""
-        self._stop_requested = True
+        """Begin the drain (safe from any task, any number of times): readiness 503 at once, both
+        listeners stop accepting, open connections are closed with 1001 spread over
+        ``[drain] window``; whatever still runs ``[drain] deadline`` seconds later is cancelled."""
+        if self._stop_requested.is_set():
+            return
+        self._stop_requested.set()
+        notify("STOPPING=1")
         if self.gateway is not None:
             self.gateway.draining = True
-        if self._front is not None:
-            self._front.cancel()
         if self._root is not None:
             self._root.deadline = min(self._root.deadline, trio.current_time() + self.config.drain.deadline)
+
+    def reload(self) -> list[str]:
+        """Re-read the config file (SIGHUP); apply what can change at run time; returns the sections
+        that changed but need a restart."""
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", describe_problems(exc))
+            return []
+        old = self.config
+        pending = [name for name in fields_dict(Config) if name not in RELOADABLE and getattr(new, name) != getattr(old, name)]
+        self.config = evolve(old, **{name: getattr(new, name) for name in RELOADABLE})
+        changed = [name for name in RELOADABLE if getattr(new, name) != getattr(old, name)]
+        if self.gateway is not None:
+            self.gateway.config = self.config
+            self.gateway.limits = Limits.from_config(self.config)
+        logging.getLogger().setLevel(self.config.log.level.upper())
+        log.info("configuration reloaded; applied: %s", ", ".join(changed) or "no changes")
+        if pending:
+            log.warning("changes to %s need a restart to take effect", ", ".join(f"[{n}]" for n in pending))
+        return pending
 
     async def run(self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop` (or SIGTERM/SIGINT with ``handle_signals``, or cancellation of the
@@ -113,33 +147,50 @@ class Daemon:
                 services.start_soon(run_heartbeat, store, self.instance_id)
             if self.config.bus.backend != "memory":
                 services.start_soon(run_catch_up, hub, store, bus)
-            self.gateway = Gateway(
+            gw = self.gateway = Gateway(
                 config=self.config, clock=self.clock, identity=identity, store=store, bus=bus, hub=hub,
                 metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,
             )
             try:
-                with trio.CancelScope() as front_scope:
-                    self._front = front_scope
-                    if self._stop_requested:
-                        front_scope.cancel()
-                    async with trio.open_nursery() as front:
-                        ws_port = await front.start(serve_gateway, self.gateway)
-                        http_port, metrics_port = await front.start(serve_http, self.gateway)
-                        url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
-                        http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
-                        log.info("pocketbridge %s serving %s and %s (instance %s)", __version__, url, http_url,
-                                 self.instance_id)
-                        if handle_signals:
-                            front.start_soon(self._watch_signals)
-                        task_status.started(
-                            Running(ws_port, url, http_port, http_url, metrics_port, identity, created)
-                        )
+                async with trio.open_nursery() as front:
+                    ws_port = await front.start(serve_gateway, gw)
+                    http_port, metrics_port = await front.start(serve_http, gw, self._http_shutdown.wait)
+                    url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
+                    http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
+                    log.info("pocketbridge %s serving %s and %s (instance %s)", __version__, url, http_url,
+                             self.instance_id)
+                    if handle_signals:
+                        front.start_soon(self._watch_signals)
+                    front.start_soon(run_watchdog, lambda: f"{len(gw.connections)} connections")
+                    front.start_soon(self._drain, front.cancel_scope)
+                    notify("READY=1")
+                    task_status.started(Running(ws_port, url, http_port, http_url, metrics_port, identity, created))
             finally:
                 services.cancel_scope.cancel()
 
+    async def _drain(self, front: trio.CancelScope) -> None:
+        await self._stop_requested.wait()
+        gw = self.gateway
+        assert gw is not None
+        log.info("draining %d connections over %.1f s", len(gw.connections), self.config.drain.window)
+        gw.stop_accepting()
+        self._http_shutdown.set()
+        connections = list(gw.connections)
+        start, window = trio.current_time(), self.config.drain.window
+        for i, conn in enumerate(connections):
+            await trio.sleep_until(start + window * i / len(connections))
+            conn.close(SHUTTING_DOWN, after_current=True)
+        while gw.connections:
+            await trio.sleep(0.02)
+        with trio.move_on_after(window):
+            await gw.http_done.wait()
+        front.cancel()
+
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
+                log.info("received %s, draining", signal.Signals(signum).name)
                 self.stop()
-                return

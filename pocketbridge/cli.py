@@ -27,7 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     setup_logging(config.log.level)
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path=args.config or os.environ.get("PB_CONFIG") or None)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

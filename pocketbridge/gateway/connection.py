@@ -118,6 +118,8 @@ class Connection:
         self.closed_by_peer = False
         self.overflowed = False
         self._final: str | None = None
+        self._deferred = False
+        self.busy = False  # a client message is being processed
         self._writer_scope: trio.CancelScope | None = None
         self._sending = False
         self._sent = trio.Event()
@@ -135,19 +137,32 @@ class Connection:
             scope.cancel()
 
     def send(self, message: str) -> None:
-        if self.close_reason is not None or self.closed_by_peer:
+        if self.closed_by_peer or (self.close_reason is not None and not self._deferred):
             return
         if not self.outbox.put(message):
             self.overflowed = True
             self.close(TRY_AGAIN)
 
-    def close(self, reason: Close, final_message: str | None = None) -> None:
-        """Close with ``reason`` (first call wins), optionally sending ``final_message`` just before."""
+    def close(self, reason: Close, final_message: str | None = None, *, after_current: bool = False) -> None:
+        """Close with ``reason`` (first call wins), optionally sending ``final_message`` just before.
+
+        With ``after_current``, a message being processed is finished first (its ack still goes
+        out), so a drain never leaves an event half done."""
         if self.close_reason is None and not self.closed_by_peer:
             self.close_reason = reason
             self._final = final_message
+            if after_current and self.busy:
+                self._deferred = True
+                return
+        self._deferred = False
         if self._scope is not None:
             self._scope.cancel()
+
+    def close_if_deferred(self) -> None:
+        if self._deferred:
+            self._deferred = False
+            if self._scope is not None:
+                self._scope.cancel()
 
     def peer_closed(self) -> None:
         self.closed_by_peer = True

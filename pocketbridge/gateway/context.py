@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network
+from typing import Any
 
 import attrs
+import trio
 
 from ..bus import Bus
 from ..clock import Clock
@@ -14,6 +17,32 @@ from ..limits import Counter, KeyedBuckets, parse_networks
 from ..metrics import Metrics
 from ..protocol.handshake import ServerIdentity
 from ..store import Store
+
+
+@attrs.define
+class HttpLimits:
+    unauthenticated: KeyedBuckets
+    auth_failures: KeyedBuckets
+    per_device: KeyedBuckets
+    tokens: KeyedBuckets
+    device_mutations: KeyedBuckets
+    account_deletions: KeyedBuckets
+    admin: KeyedBuckets
+    admin_failures: KeyedBuckets
+
+    @classmethod
+    def from_config(cls, config: Config) -> HttpLimits:
+        h, a = config.http, config.admin
+        return cls(
+            unauthenticated=KeyedBuckets(h.unauthenticated_per_ip_per_minute, 60.0),
+            auth_failures=KeyedBuckets(h.auth_failures_per_ip_per_minute, 60.0),
+            per_device=KeyedBuckets(h.requests_per_device_per_minute, 60.0),
+            tokens=KeyedBuckets(h.token_requests_per_device_per_minute, 60.0),
+            device_mutations=KeyedBuckets(h.device_mutations_per_user_per_minute, 60.0),
+            account_deletions=KeyedBuckets(h.account_deletions_per_user_per_hour, 3600.0),
+            admin=KeyedBuckets(a.requests_per_ip_per_minute, 60.0),
+            admin_failures=KeyedBuckets(a.auth_failures_per_ip_per_minute, 60.0),
+        )
 
 
 @attrs.define
@@ -28,6 +57,7 @@ class Limits:
     pairing_initiations: KeyedBuckets  # per device
     pairing_failures_per_ip: KeyedBuckets
     pairing_failures: KeyedBuckets  # deployment-wide, one key
+    http: HttpLimits
 
     @classmethod
     def from_config(cls, config: Config) -> Limits:
@@ -41,6 +71,7 @@ class Limits:
             pairing_initiations=KeyedBuckets(pairing.initiations_per_device_per_hour, 3600.0),
             pairing_failures_per_ip=KeyedBuckets(pairing.max_failures_per_ip_per_hour, 3600.0),
             pairing_failures=KeyedBuckets(pairing.max_failures_per_minute, 60.0, max_keys=1),
+            http=HttpLimits.from_config(config),
         )
 
 
@@ -57,6 +88,9 @@ class Gateway:
     instance_id: str
     token_key: bytes = attrs.field(init=False)
     draining: bool = False  # set when an orderly stop begins; readiness answers 503
+    connections: set[Any] = attrs.field(factory=set)  # every open WebSocket connection here
+    stop_accepting: Callable[[], None] = lambda: None  # set by the listener
+    http_done: trio.Event = attrs.field(factory=trio.Event)  # set when the HTTP server has stopped
 
     def __attrs_post_init__(self) -> None:
         self.token_key = self.identity.token_key()

@@ -101,6 +101,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
         close_timeout=cfg.close_timeout,
     )
     gw.metrics.connections_open.inc()
+    gw.connections.add(conn)
     session: Session | None = None
     await outer.start(conn.run_writer)
     try:
@@ -117,7 +118,11 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
                 log.info("connection %s: session established for device %s", conn.short_id, session.short)
                 nursery.start_soon(session.run_timers)
                 while True:
-                    await session.handle(parse_frame(await ws.get_message()))
+                    message = parse_frame(await ws.get_message())
+                    conn.busy = True
+                    await session.handle(message)
+                    conn.busy = False
+                    conn.close_if_deferred()
             except ProtocolClose as exc:
                 if session is None:
                     gw.metrics.handshakes.labels("refused").inc()
@@ -131,6 +136,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
                 conn.close(INTERNAL_ERROR)
     finally:
         with trio.CancelScope(shield=True):
+            gw.connections.discard(conn)
             gw.metrics.connections_open.dec()
             if conn.close_reason is not None:
                 gw.metrics.closes.labels(str(conn.close_reason.code)).inc()
@@ -143,11 +149,16 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
 
 
 async def serve_gateway(gw: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on ``[listen] ws``; ``task_status.started(port)`` once bound."""
+    """Listen on ``[listen] ws``; ``task_status.started(port)`` once bound. ``gw.stop_accepting()``
+    closes the listener (trio's accept loop backs off on EMFILE rather than dying); this returns
+    once every connection has finished."""
     host, port = gw.config.ws_address()
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(partial(trio.serve_listeners, partial(handle_stream, gw), listeners, handler_nursery=nursery))
-        task_status.started(bound)
-        await trio.sleep_forever()
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as acceptor:
+            gw.stop_accepting = acceptor.cancel_scope.cancel
+            await acceptor.start(
+                partial(trio.serve_listeners, partial(handle_stream, gw), listeners, handler_nursery=connections)
+            )
+            task_status.started(bound)

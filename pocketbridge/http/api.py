@@ -18,7 +18,7 @@ from ..gateway.context import Gateway
 from ..protocol.auth import admin_key_matches, bearer_token, issue_jwt, presented_admin_key
 from ..protocol.envelope import is_hex, is_uuid4
 from ..store import Device, Rename, Unrevoke
-from .app import HttpLimits, charge, error_response, json_response
+from .app import charge, error_response, json_response
 from .auth import Caller, authenticate, verify_bearer
 
 EMPTY_MESSAGE = "No devices connected. Connect a device to start syncing."
@@ -64,7 +64,7 @@ async def _json_body() -> dict[str, Any]:
     return body
 
 
-def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
+def register(app: QuartTrio, gw: Gateway) -> None:
     store = gw.store
 
     def api(rule: str, methods: list[str], *, auth: bool = True) -> Callable[[Handler], Handler]:
@@ -73,10 +73,10 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
         def wrap(handler: Handler) -> Handler:
             async def endpoint(**kwargs: Any) -> Response:
                 peer = g.peer
-                if limits.auth_failures.available(peer) < 1:
-                    charge(gw, limits.auth_failures, peer, "http_auth_failures")
+                if gw.limits.http.auth_failures.available(peer) < 1:
+                    charge(gw, gw.limits.http.auth_failures, peer, "http_auth_failures")
                 if not auth:
-                    charge(gw, limits.unauthenticated, peer, "http_unauthenticated")
+                    charge(gw, gw.limits.http.unauthenticated, peer, "http_unauthenticated")
                     return await handler(**kwargs)
                 body = await request.get_data(cache=True)
                 target = request.scope.get("raw_path", request.path.encode()).decode("latin-1")
@@ -89,10 +89,10 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
                 except ApiError as error:
                     if error.status == 401:
                         if error.code == "AUTH_REQUIRED":
-                            charge(gw, limits.unauthenticated, peer, "http_unauthenticated")
-                        limits.auth_failures.take(peer)
+                            charge(gw, gw.limits.http.unauthenticated, peer, "http_unauthenticated")
+                        gw.limits.http.auth_failures.take(peer)
                     raise
-                charge(gw, limits.per_device, caller.device_id, "http_requests_per_device")
+                charge(gw, gw.limits.http.per_device, caller.device_id, "http_requests_per_device")
                 store.note_seen(caller.device_id, caller.user_id)
                 return await handler(caller, **kwargs)
 
@@ -104,7 +104,7 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
         return wrap
 
     async def issue_token(caller: Caller) -> Response:
-        charge(gw, limits.tokens, caller.device_id, "http_token_requests")
+        charge(gw, gw.limits.http.tokens, caller.device_id, "http_token_requests")
         now_s = gw.clock.now_ms() // 1000
         ttl = int(gw.config.http.bearer_token_ttl)
         token = issue_jwt(gw.identity, device_id=caller.device_id, user_id=caller.user_id, iat=now_s,
@@ -164,7 +164,7 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
     async def rename(caller: Caller, device_id: str) -> Response:
         target = _path_device_id(device_id)
         body = await _json_body()
-        charge(gw, limits.device_mutations, caller.user_id, "http_device_mutations")
+        charge(gw, gw.limits.http.device_mutations, caller.user_id, "http_device_mutations")
         name = body.get("device_name")
         if not isinstance(name, str) or not 1 <= len(name.strip()) <= 50:
             raise ApiError("INVALID_DEVICE_NAME")
@@ -181,7 +181,7 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
     @api("/devices/<device_id>", ["DELETE"])
     async def delete_device(caller: Caller, device_id: str) -> Response:
         device = await own_device(caller, device_id)
-        charge(gw, limits.device_mutations, caller.user_id, "http_device_mutations")
+        charge(gw, gw.limits.http.device_mutations, caller.user_id, "http_device_mutations")
         await accounts.revoke_device(gw, device.device_id, accounts.USER_REVOKED, caller.user_id)
         return json_response({"success": True, "message": f"Device {device.device_id} has been removed"})
 
@@ -205,7 +205,7 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
 
     @api("/user", ["DELETE"])
     async def delete_user(caller: Caller) -> Response:
-        charge(gw, limits.account_deletions, caller.user_id, "http_account_deletions")
+        charge(gw, gw.limits.http.account_deletions, caller.user_id, "http_account_deletions")
         counts = await accounts.delete_user(gw, caller.user_id)
         deleted = {"devices": counts.devices if counts else 0, "events": counts.events if counts else 0}
         return json_response({"success": True, "message": "User account and all associated data have been deleted",
@@ -282,7 +282,7 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
 
     # --- removed --------------------------------------------------------------------------------
     async def gone(**_: Any) -> Response:
-        charge(gw, limits.unauthenticated, g.peer, "http_unauthenticated")
+        charge(gw, gw.limits.http.unauthenticated, g.peer, "http_unauthenticated")
         raise ApiError("GONE")
 
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -298,13 +298,13 @@ def register(app: QuartTrio, gw: Gateway, limits: HttpLimits) -> None:
                 configured = gw.config.admin.api_key
                 if not configured:
                     raise ApiError("ADMIN_DISABLED")
-                if limits.admin_failures.available(peer) < 1:
-                    charge(gw, limits.admin_failures, peer, "admin_auth_failures")
-                charge(gw, limits.admin, peer, "admin_requests")
+                if gw.limits.http.admin_failures.available(peer) < 1:
+                    charge(gw, gw.limits.http.admin_failures, peer, "admin_auth_failures")
+                charge(gw, gw.limits.http.admin, peer, "admin_requests")
                 presented = presented_admin_key(request.headers.get("X-Admin-API-Key"),
                                                 request.headers.get("Authorization"))
                 if not admin_key_matches(configured, presented):
-                    limits.admin_failures.take(peer)
+                    gw.limits.http.admin_failures.take(peer)
                     raise ApiError("ADMIN_AUTH_REQUIRED")
                 return await handler()
 

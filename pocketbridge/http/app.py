@@ -11,7 +11,6 @@ import logging
 import math
 from typing import Any
 
-import attrs
 import trio
 from prometheus_client import generate_latest
 from quart import Response, g, request
@@ -34,32 +33,6 @@ READY_CACHE_SECONDS = 5.0
 PROBE_TIMEOUT = 3.0
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format generate_latest writes
-
-
-@attrs.define
-class HttpLimits:
-    unauthenticated: KeyedBuckets
-    auth_failures: KeyedBuckets
-    per_device: KeyedBuckets
-    tokens: KeyedBuckets
-    device_mutations: KeyedBuckets
-    account_deletions: KeyedBuckets
-    admin: KeyedBuckets
-    admin_failures: KeyedBuckets
-
-    @classmethod
-    def from_config(cls, gw: Gateway) -> HttpLimits:
-        h, a = gw.config.http, gw.config.admin
-        return cls(
-            unauthenticated=KeyedBuckets(h.unauthenticated_per_ip_per_minute, 60.0),
-            auth_failures=KeyedBuckets(h.auth_failures_per_ip_per_minute, 60.0),
-            per_device=KeyedBuckets(h.requests_per_device_per_minute, 60.0),
-            tokens=KeyedBuckets(h.token_requests_per_device_per_minute, 60.0),
-            device_mutations=KeyedBuckets(h.device_mutations_per_user_per_minute, 60.0),
-            account_deletions=KeyedBuckets(h.account_deletions_per_user_per_hour, 3600.0),
-            admin=KeyedBuckets(a.requests_per_ip_per_minute, 60.0),
-            admin_failures=KeyedBuckets(a.auth_failures_per_ip_per_minute, 60.0),
-        )
 
 
 def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
@@ -118,11 +91,8 @@ def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio("pocketbridge")
     app.config["MAX_CONTENT_LENGTH"] = gw.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
-    limits = HttpLimits.from_config(gw)
     readiness = Readiness(gw)
-    cors = set(gw.config.http.cors_origins)
     started = trio.current_time()
-    app.extensions["pocketbridge"] = (gw, limits)
 
     @app.before_request
     async def before() -> Response | None:
@@ -144,6 +114,7 @@ def create_app(gw: Gateway) -> QuartTrio:
         if path.startswith(("/api", "/admin")):
             response.headers["Cache-Control"] = "no-store"
         origin = request.headers.get("Origin")
+        cors = gw.config.http.cors_origins
         if origin and ("*" in cors or origin in cors):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in cors else origin
             response.headers["Vary"] = "Origin"
@@ -207,7 +178,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     from .api import register
 
-    register(app, gw, limits)
+    register(app, gw)
     return app
 
 
