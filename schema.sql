@@ -96,6 +96,18 @@ CREATE TABLE IF NOT EXISTS instances (
     last_beat   timestamptz NOT NULL
 );
 
+-- Security-relevant actions (ids shortened to 8 characters; never keys, signatures or payloads).
+CREATE TABLE IF NOT EXISTS audit_log (
+    id     bigserial PRIMARY KEY,
+    at     timestamptz NOT NULL,
+    action text NOT NULL,
+    actor  text,
+    target text,
+    peer   text,
+    detail text
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+
 -- Millisecond helpers (the wire's unit).
 CREATE OR REPLACE FUNCTION pb_ms(t timestamptz) RETURNS bigint
     LANGUAGE sql IMMUTABLE AS $$ SELECT (extract(epoch FROM t) * 1000)::bigint $$;

@@ -26,7 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import Daemon
 
     config = _load(args)
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     daemon = Daemon(config, config_path=args.config or os.environ.get("PB_CONFIG") or None)
 
     async def main() -> None:

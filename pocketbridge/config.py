@@ -290,6 +290,7 @@ class PairingConfig:
 @_section
 class RetentionConfig:
     event_days: int = _int(90)
+    audit_days: int = _int(90)
     purge_interval: float = _secs(3600)
 
 

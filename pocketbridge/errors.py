@@ -44,9 +44,10 @@ class Close:
 class ProtocolClose(PocketBridgeError):
     """Raised by protocol code when the connection must be closed with ``close``."""
 
-    def __init__(self, close: Close) -> None:
+    def __init__(self, close: Close, subject: str | None = None) -> None:
         super().__init__(f"{close.code} {close.reason}")
         self.close = close
+        self.subject = subject  # the device concerned, when known (for the audit trail)
 
 
 # --- close catalogue (protocol.md §9) -------------------------------------------------------------

@@ -23,9 +23,10 @@ async def purge_once(store: Store, config: Config) -> int:
     """Delete expired (ttl + clock skew) and retention-expired events in batches; returns the count."""
     retention_ms = config.retention.event_days * DAY_MS
     grace_ms = int(config.limits.clock_skew * 1000)
+    audit_ms = config.retention.audit_days * DAY_MS
     total = 0
     while True:
-        n = await store.purge(retention_ms, grace_ms, PURGE_BATCH)
+        n = await store.purge(retention_ms, grace_ms, PURGE_BATCH, audit_ms)
         total += n
         if n < PURGE_BATCH:
             return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+from ..audit import audit
 from ..errors import (
     DEVICE_KEY_MISMATCH,
     DEVICE_LIMIT,
@@ -60,6 +61,8 @@ async def perform_handshake(gw: Gateway, conn: Connection) -> tuple[Device, str]
     admission = await gw.store.admit_device(request, gw.clock.now_ms())
     if admission.outcome is not Admit.OK:
         gw.metrics.handshakes.labels(admission.outcome.value).inc()
-        raise ProtocolClose(_REFUSALS[admission.outcome])
+        raise ProtocolClose(_REFUSALS[admission.outcome], subject=request.device_id)
     assert admission.device is not None
+    if admission.created:
+        audit(gw, "device_registered", actor=request.device_id, target=admission.device.user_id, peer=conn.peer)
     return admission.device, auth.device_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..audit import audit
 from ..errors import PAIRING_LOCKOUT, StoreUnavailable
 from ..protocol.envelope import encode
 from ..store import Pairing
@@ -55,6 +56,7 @@ async def initiate_pairing(session: Session) -> None:
 
 def _lock_out(session: Session) -> None:
     session.gw.metrics.rate_limited.labels("pairing_failures").inc()
+    audit(session.gw, "rate_limited", actor=session.device_id, peer=session.conn.peer, detail="pairing_failures")
     session.conn.close(PAIRING_LOCKOUT, _failed(LOCKOUT))
 
 
@@ -100,6 +102,8 @@ async def complete_pairing(session: Session, payload: Any) -> None:
     completed = {"success": True, "linkedUserId": result.user_id, "last_ack_device_seq": result.last_ack_device_seq}
     session.conn.send(encode({"type": "pairing_completed", "payload": completed}))
     if result.outcome is Pairing.OK:
+        audit(gw, "device_paired", actor=session.device_id, target=result.user_id, peer=session.conn.peer,
+              detail=f"from user {old_user[:8]}")
         paired = {
             "type": "device_paired",
             "device_id": session.device_id,

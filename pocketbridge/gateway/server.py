@@ -18,7 +18,9 @@ from ..errors import (
     ProtocolClose,
     StoreUnavailable,
 )
+from ..audit import audit
 from ..limits import peer_address
+from ..logs import request_id_var
 from ..protocol.envelope import parse_frame
 from .connection import Connection, Socket
 from .context import Gateway
@@ -76,7 +78,9 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
             limits = gw.limits
             over = limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
             if over or not limits.connects_per_ip.take(peer):
-                gw.metrics.rate_limited.labels("ws_connections_per_ip" if over else "ws_connects_per_ip").inc()
+                limit = "ws_connections_per_ip" if over else "ws_connects_per_ip"
+                gw.metrics.rate_limited.labels(limit).inc()
+                audit(gw, "rate_limited", peer=peer, detail=limit)
                 with trio.move_on_after(cfg.close_timeout):
                     await ws.aclose(TOO_MANY_CONNECTIONS.code, TOO_MANY_CONNECTIONS.reason)
                 return
@@ -100,6 +104,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
         send_queue_bytes=cfg.send_queue_bytes,
         close_timeout=cfg.close_timeout,
     )
+    request_id_var.set(f"ws:{conn.short_id}")
     gw.metrics.connections_open.inc()
     gw.connections.add(conn)
     session: Session | None = None
@@ -126,6 +131,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
             except ProtocolClose as exc:
                 if session is None:
                     gw.metrics.handshakes.labels("refused").inc()
+                    audit(gw, "handshake_refused", actor=exc.subject, peer=peer, detail=exc.close.reason)
                 conn.close(exc.close)
             except StoreUnavailable:
                 conn.close(TRY_AGAIN)

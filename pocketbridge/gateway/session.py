@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..audit import audit
 from ..bus import BusMessage, Control, EventNotice
 from ..errors import (
     ACCOUNT_DELETED,
@@ -404,6 +405,8 @@ class Session:
         gw = self.gw
         if not gw.limits.events_per_user.take(self.user_id):
             gw.metrics.rate_limited.labels("events_per_user").inc()
+            audit(gw, "rate_limited", actor=self.device_id, target=self.user_id, peer=self.conn.peer,
+                  detail="events_per_user")
             self.conn.close(TOO_MANY_EVENTS)
             return
         cfg = gw.config

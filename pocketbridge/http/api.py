@@ -12,7 +12,10 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+import attrs
+
 from .. import accounts
+from ..audit import audit
 from ..errors import ApiError, StoreUnavailable
 from ..gateway.context import Gateway
 from ..protocol.auth import admin_key_matches, bearer_token, issue_jwt, presented_admin_key
@@ -67,14 +70,18 @@ async def _json_body() -> dict[str, Any]:
 def register(app: QuartTrio, gw: Gateway) -> None:
     store = gw.store
 
+    def locked_out_check(peer: str) -> None:
+        """After too many failed authentications from an address, all of /api answers 429."""
+        if gw.limits.http.auth_failures.available(peer) < 1:
+            charge(gw, gw.limits.http.auth_failures, peer, "http_auth_failures")
+
     def api(rule: str, methods: list[str], *, auth: bool = True) -> Callable[[Handler], Handler]:
         """Register ``/api<rule>`` and ``/api/v1<rule>``; with ``auth`` the handler gets the Caller."""
 
         def wrap(handler: Handler) -> Handler:
             async def endpoint(**kwargs: Any) -> Response:
                 peer = g.peer
-                if gw.limits.http.auth_failures.available(peer) < 1:
-                    charge(gw, gw.limits.http.auth_failures, peer, "http_auth_failures")
+                locked_out_check(peer)
                 if not auth:
                     charge(gw, gw.limits.http.unauthenticated, peer, "http_unauthenticated")
                     return await handler(**kwargs)
@@ -176,13 +183,15 @@ def register(app: QuartTrio, gw: Gateway) -> None:
             raise ApiError("DEVICE_NOT_FOUND")
         if outcome is Rename.TAKEN:
             raise ApiError("DEVICE_NAME_TAKEN")
+        audit(gw, "device_renamed", actor=caller.device_id, target=target, peer=g.peer)
         return json_response({"success": True, "device_id": target, "device_name": name})
 
     @api("/devices/<device_id>", ["DELETE"])
     async def delete_device(caller: Caller, device_id: str) -> Response:
         device = await own_device(caller, device_id)
         charge(gw, gw.limits.http.device_mutations, caller.user_id, "http_device_mutations")
-        await accounts.revoke_device(gw, device.device_id, accounts.USER_REVOKED, caller.user_id)
+        await accounts.revoke_device(gw, device.device_id, accounts.USER_REVOKED, caller.user_id,
+                                     actor=caller.device_id, peer=g.peer)
         return json_response({"success": True, "message": f"Device {device.device_id} has been removed"})
 
     @api("/presence", ["GET"])
@@ -206,7 +215,7 @@ def register(app: QuartTrio, gw: Gateway) -> None:
     @api("/user", ["DELETE"])
     async def delete_user(caller: Caller) -> Response:
         charge(gw, gw.limits.http.account_deletions, caller.user_id, "http_account_deletions")
-        counts = await accounts.delete_user(gw, caller.user_id)
+        counts = await accounts.delete_user(gw, caller.user_id, actor=caller.device_id, peer=g.peer)
         deleted = {"devices": counts.devices if counts else 0, "events": counts.events if counts else 0}
         return json_response({"success": True, "message": "User account and all associated data have been deleted",
                               "deleted": deleted})
@@ -282,6 +291,7 @@ def register(app: QuartTrio, gw: Gateway) -> None:
 
     # --- removed --------------------------------------------------------------------------------
     async def gone(**_: Any) -> Response:
+        locked_out_check(g.peer)
         charge(gw, gw.limits.http.unauthenticated, g.peer, "http_unauthenticated")
         raise ApiError("GONE")
 
@@ -305,6 +315,7 @@ def register(app: QuartTrio, gw: Gateway) -> None:
                                                 request.headers.get("Authorization"))
                 if not admin_key_matches(configured, presented):
                     gw.limits.http.admin_failures.take(peer)
+                    audit(gw, "admin_auth_failed", peer=peer, detail=request.path)
                     raise ApiError("ADMIN_AUTH_REQUIRED")
                 return await handler()
 
@@ -329,7 +340,7 @@ def register(app: QuartTrio, gw: Gateway) -> None:
         if user_id is not None and not is_hex(user_id, 64):
             raise ApiError("VALIDATION_ERROR")
         device = await accounts.revoke_device(gw, device_id, reason or accounts.ADMIN_REVOKED,
-                                              user_id.lower() if user_id else None)
+                                              user_id.lower() if user_id else None, actor="admin", peer=g.peer)
         if device is None:
             raise ApiError("DEVICE_NOT_FOUND")
         return json_response({"success": True, "message": "Device revoked"})
@@ -342,7 +353,16 @@ def register(app: QuartTrio, gw: Gateway) -> None:
             raise ApiError("DEVICE_NOT_FOUND")
         if outcome is Unrevoke.LIMIT:
             raise ApiError("DEVICE_LIMIT")
+        audit(gw, "device_unrevoked", actor="admin", target=device_id, peer=g.peer)
         return json_response({"success": True, "message": "Device unrevoked"})
+
+    @admin("/audit", ["GET"])
+    async def admin_audit() -> Response:
+        raw_limit, action = request.args.get("limit", "100"), request.args.get("action")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000 or (action is not None and len(action) > 64):
+            raise ApiError("VALIDATION_ERROR")
+        records = await store.audit_log(int(raw_limit), action)
+        return json_response({"records": [attrs.asdict(r) for r in records]})
 
     @admin("/revoked-devices", ["GET"])
     async def admin_revoked() -> Response:

@@ -18,6 +18,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
+from ..audit import audit
 from ..errors import HTTP_ERRORS, ApiError
 from ..gateway.context import Gateway
 from ..limits import KeyedBuckets, peer_address
@@ -39,6 +40,7 @@ def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
     """Spend one token of ``bucket`` for ``key`` or answer 429 with Retry-After."""
     if not bucket.take(key):
         gw.metrics.rate_limited.labels(name).inc()
+        audit(gw, "rate_limited", actor=None if key == g.peer else key, peer=g.peer, detail=name)
         raise ApiError("RATE_LIMITED", retry_after=max(1, math.ceil(bucket.retry_after(key))))
 
 

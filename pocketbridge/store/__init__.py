@@ -99,6 +99,7 @@ class AdmitRequest:
 class Admission:
     outcome: Admit
     device: Device | None = None
+    created: bool = False  # the device was registered by this handshake
 
 
 class Outcome(enum.Enum):
@@ -162,6 +163,16 @@ class RevokedDevice:
     user_id: str
     revoked_at: int
     reason: str | None
+
+
+@attrs.frozen
+class AuditRecord:
+    at: int
+    action: str
+    actor: str | None
+    target: str | None
+    peer: str | None
+    detail: str | None
 
 
 @attrs.frozen
@@ -238,8 +249,17 @@ class Store(Protocol):
     async def delete_user(self, user_id: str) -> DeletedCounts:
         """Remove everything of the user in one transaction."""
 
-    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
-        """Delete up to ``limit`` events past their ttl (+ grace) or retention; returns the count."""
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
+        """Delete up to ``limit`` events past their ttl (+ grace) or retention (and audit records
+        older than ``audit_ms``, expired signatures and pairing codes); returns the event count."""
+
+    def note_audit(
+        self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None, detail: str | None
+    ) -> None:
+        """Record a security-relevant action (coalesced with the next write; ids already shortened)."""
+
+    async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
+        """Newest audit records first."""
 
     async def head_seq(self, user_id: str) -> int: ...
 

@@ -28,6 +28,7 @@ from ..protocol.handshake import dedupe_device_name
 from . import (
     Admission,
     Admit,
+    AuditRecord,
     AdmitRequest,
     CommitHook,
     DeletedCounts,
@@ -289,8 +290,23 @@ class PostgresStore:
     async def delete_user(self, user_id: str) -> DeletedCounts:
         return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
 
-    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
-        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit)  # type: ignore[no-any-return]
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
+        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
+
+    def note_audit(self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None,
+                   detail: str | None) -> None:
+        self._writer.note_audit((at_ms, action, actor, target, peer, detail))
+
+    async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
+        def q(c: psycopg.Connection[Any]) -> list[AuditRecord]:
+            rows = c.execute(
+                "SELECT pb_ms(at), action, actor, target, peer, detail FROM audit_log"
+                " WHERE (%s::text IS NULL OR action = %s) ORDER BY id DESC LIMIT %s",
+                (action, action, limit),
+            ).fetchall()
+            return [AuditRecord(*r) for r in rows]
+
+        return await self._read(q)
 
     async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
         return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
@@ -344,7 +360,7 @@ class PostgresStore:
             (req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms),
         )
         return Admission(
-            Admit.OK, Device(req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms, False, 0, 0, None)
+            Admit.OK, Device(req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms, False, 0, 0, None), created=True
         )
 
     @staticmethod
@@ -375,9 +391,18 @@ class PostgresStore:
             )
 
     def _w_coalesced(
-        self, c: psycopg.Connection[Any], now_ms: int, cursors: dict[str, tuple[str, int]], seen: dict[str, str]
+        self,
+        c: psycopg.Connection[Any],
+        now_ms: int,
+        cursors: dict[str, tuple[str, int]],
+        seen: dict[str, str],
+        audit: list[tuple[Any, ...]],
     ) -> None:
         with c.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO audit_log (at, action, actor, target, peer, detail) VALUES (pb_ts(%s), %s, %s, %s, %s, %s)",
+                audit,
+            )
             cur.executemany(
                 "UPDATE devices SET delivery_cursor = greatest(delivery_cursor, %s) WHERE device_id = %s AND user_id = %s",
                 [(cursor, device_id, user_id) for device_id, (user_id, cursor) in cursors.items()],
@@ -471,8 +496,11 @@ class PostgresStore:
             c.execute(f"DELETE FROM {table} WHERE user_id = %s", (user_id,))
         return DeletedCounts(devices, events)
 
-    def _w_purge(self, c: psycopg.Connection[Any], now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
+    def _w_purge(
+        self, c: psycopg.Connection[Any], now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int
+    ) -> int:
         c.execute("DELETE FROM seen_signatures WHERE expires_at < pb_ts(%s)", (now_ms,))
+        c.execute("DELETE FROM audit_log WHERE at < pb_ts(%s)", (now_ms - audit_ms,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < pb_ts(%s)", (now_ms,))
         return c.execute(
             "DELETE FROM events WHERE ctid IN (SELECT ctid FROM events WHERE ttl IS NOT NULL AND ttl < %s"

@@ -26,6 +26,7 @@ from ..protocol.handshake import dedupe_device_name
 from . import (
     Admission,
     Admit,
+    AuditRecord,
     AdmitRequest,
     CommitHook,
     DeletedCounts,
@@ -159,8 +160,23 @@ class SqliteStore:
     async def delete_user(self, user_id: str) -> DeletedCounts:
         return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
 
-    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
-        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit)  # type: ignore[no-any-return]
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
+        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
+
+    def note_audit(self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None,
+                   detail: str | None) -> None:
+        self._writer.note_audit((at_ms, action, actor, target, peer, detail))
+
+    async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
+        def q(c: sqlite3.Connection) -> list[AuditRecord]:
+            rows = c.execute(
+                "SELECT at, action, actor, target, peer, detail FROM audit_log WHERE (? IS NULL OR action = ?)"
+                " ORDER BY id DESC LIMIT ?",
+                (action, action, limit),
+            )
+            return [AuditRecord(*r) for r in rows]
+
+        return await self._read(q)
 
     async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
         return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
@@ -233,7 +249,7 @@ class SqliteStore:
         )
         return Admission(
             Admit.OK,
-            Device(req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms, False, 0, 0, None),
+            Device(req.device_id, req.key, req.key, name, req.device_type, now_ms, now_ms, False, 0, 0, None), created=True
         )
 
     @staticmethod
@@ -298,8 +314,16 @@ class SqliteStore:
             )
 
     def _w_coalesced(
-        self, c: sqlite3.Connection, now_ms: int, cursors: dict[str, tuple[str, int]], seen: dict[str, str]
+        self,
+        c: sqlite3.Connection,
+        now_ms: int,
+        cursors: dict[str, tuple[str, int]],
+        seen: dict[str, str],
+        audit: list[tuple[Any, ...]],
     ) -> None:
+        c.executemany(
+            "INSERT INTO audit_log (at, action, actor, target, peer, detail) VALUES (?, ?, ?, ?, ?, ?)", audit
+        )
         c.executemany(
             "UPDATE devices SET delivery_cursor = max(delivery_cursor, ?) WHERE device_id = ? AND user_id = ?",
             [(cursor, device_id, user_id) for device_id, (user_id, cursor) in cursors.items()],
@@ -389,9 +413,12 @@ class SqliteStore:
         c.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
         return DeletedCounts(devices, events)
 
-    def _w_purge(self, c: sqlite3.Connection, now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int) -> int:
+    def _w_purge(
+        self, c: sqlite3.Connection, now_ms: int, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int
+    ) -> int:
         cutoff = now_ms - retention_ms
         c.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (now_ms,))
+        c.execute("DELETE FROM audit_log WHERE at < ?", (now_ms - audit_ms,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (now_ms,))
         return c.execute(
             "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"

@@ -84,3 +84,15 @@ CREATE TABLE IF NOT EXISTS seen_signatures (
     expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_signatures_expiry ON seen_signatures (expires_at);
+
+-- Security-relevant actions (ids shortened to 8 characters; never keys, signatures or payloads).
+CREATE TABLE IF NOT EXISTS audit_log (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    actor  TEXT,
+    target TEXT,
+    peer   TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);

@@ -24,6 +24,7 @@ log = logging.getLogger("pocketbridge.store")
 
 FLUSH_INTERVAL = 1.0
 READS_CURSORS = frozenset({"admit", "complete_pairing"})
+MAX_PENDING_AUDIT = 10_000
 
 
 class Breaker:
@@ -82,6 +83,8 @@ class BatchWriter:
         self._send, self._receive = trio.open_memory_channel[Op](batch_size * 4)
         self._cursors: dict[str, tuple[str, int]] = {}
         self._seen: dict[str, str] = {}  # device_id -> user_id
+        self._audit: list[tuple[Any, ...]] = []
+        self.audit_dropped = 0
         self._last_flush = 0.0
         self.queued = 0  # operations waiting or in flight (a gauge for metrics)
         self.observe: Callable[[str, float], None] = lambda kind, seconds: None  # latency hook (metrics)
@@ -111,15 +114,22 @@ class BatchWriter:
     def note_seen(self, device_id: str, user_id: str) -> None:
         self._seen[device_id] = user_id
 
+    def note_audit(self, record: tuple[Any, ...]) -> None:
+        if len(self._audit) >= MAX_PENDING_AUDIT:
+            self.audit_dropped += 1
+            return
+        self._audit.append(record)
+
     def _take_coalesced(self, force: bool) -> Op | None:
         """The pending cursor and activity updates as one operation, at most once a second."""
         now = trio.current_time()
-        if not (self._cursors or self._seen) or (not force and now - self._last_flush < FLUSH_INTERVAL):
+        if not (self._cursors or self._seen or self._audit) or (not force and now - self._last_flush < FLUSH_INTERVAL):
             return None
         self._last_flush = now
         cursors, self._cursors = self._cursors, {}
         seen, self._seen = self._seen, {}
-        return Op("coalesced", (cursors, seen))
+        audit, self._audit = self._audit, []
+        return Op("coalesced", (cursors, seen, audit))
 
     async def run(self, on_commit: CommitHook) -> None:
         try:
