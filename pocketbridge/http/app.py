@@ -47,7 +47,10 @@ def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
 def error_response(code: str, text: str | None = None, retry_after: int | None = None) -> Response:
     status, default = HTTP_ERRORS[code]
     body = {"error": text or default, "code": code, "request_id": getattr(g, "request_id", None) or request_id(None)}
-    return json_response(body, status, {"Retry-After": str(retry_after)} if retry_after is not None else None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if status in (413, 415):
+        headers["Connection"] = "close"  # the body was not read; the connection cannot be reused
+    return json_response(body, status, headers or None)
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
