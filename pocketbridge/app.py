@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
 from .systemd import notify, run_watchdog
+from .tracing import setup_tracing, span, stop_tracing
 
 log = logging.getLogger("pocketbridge")
 
@@ -125,6 +126,13 @@ class Daemon:
 
     async def _run(self, handle_signals: bool, task_status: Any) -> None:
         self.clock.anchor()
+        provider = setup_tracing(self.config) if self.config.tracing.exporter != "none" else None
+        try:
+            await self._serve(handle_signals, task_status)
+        finally:
+            stop_tracing(provider)
+
+    async def _serve(self, handle_signals: bool, task_status: Any) -> None:
         identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
         store = open_store(self.config, self.clock, self.instance_id)
         bus = open_bus(self.config, self.instance_id)
@@ -132,12 +140,14 @@ class Daemon:
         self.metrics.watch(store, bus)
 
         async def on_commit(events: Sequence[StoredEvent]) -> None:
-            await bus.publish(
-                [
-                    EventNotice(e.user_id, e.server_seq, e.device_id, e.event_id, e.device_seq, e.ttl, event_message(e))
-                    for e in events
-                ]
-            )
+            with span("relay.publish", events=len(events)):
+                await bus.publish(
+                    [
+                        EventNotice(e.user_id, e.server_seq, e.device_id, e.event_id, e.device_seq, e.ttl,
+                                    event_message(e))
+                        for e in events
+                    ]
+                )
 
         async with trio.open_nursery() as services:
             await services.start(bus.run, hub.dispatch)

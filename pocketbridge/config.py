@@ -329,6 +329,15 @@ class DrainConfig:
     deadline: float = _secs(30)
 
 
+@_section
+class TracingConfig:
+    exporter: str = _choice("none", "none", "otlp", "console")
+    endpoint: str = _text(
+        "http://127.0.0.1:4318/v1/traces", "an http(s) URL", lambda v: re.fullmatch(r"https?://\S+", v) is not None
+    )
+    service_name: str = _text("pocketbridge", "1-64 characters", lambda v: 1 <= len(v) <= 64)
+
+
 SECTIONS: dict[str, type] = {
     "listen": ListenConfig,
     "server": ServerConfig,
@@ -345,6 +354,7 @@ SECTIONS: dict[str, type] = {
     "admin": AdminConfig,
     "log": LogConfig,
     "drain": DrainConfig,
+    "tracing": TracingConfig,
 }
 
 
@@ -375,6 +385,7 @@ class Config:
     admin: AdminConfig = attrs.Factory(AdminConfig)
     log: LogConfig = attrs.Factory(LogConfig)
     drain: DrainConfig = attrs.Factory(DrainConfig)
+    tracing: TracingConfig = attrs.Factory(TracingConfig)
 
     def data_dir(self) -> Path:
         """``[server] data_dir``; load_config fills an empty one from the environment (see the example file)."""

@@ -21,6 +21,7 @@ from ..errors import (
 from ..audit import audit
 from ..limits import peer_address
 from ..logs import request_id_var
+from ..tracing import span
 from ..protocol.envelope import parse_frame
 from .connection import Connection, Socket
 from .context import Gateway
@@ -113,12 +114,12 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
         async with trio.open_nursery() as nursery:
             conn.bind(nursery.cancel_scope)
             try:
-                with trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
+                with span("ws.handshake"), trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
                     device, wire_device_id = await perform_handshake(gw, conn)
+                    session = Session(gw, conn, device, wire_device_id, nursery)
+                    await session.establish()
                 if handshake_scope.cancelled_caught:
                     raise ProtocolClose(HANDSHAKE_TIMEOUT)
-                session = Session(gw, conn, device, wire_device_id, nursery)
-                await session.establish()
                 gw.metrics.handshakes.labels("ok").inc()
                 log.info("connection %s: session established for device %s", conn.short_id, session.short)
                 nursery.start_soon(session.run_timers)

@@ -37,6 +37,7 @@ from ..protocol.envelope import Message, as_integral, encode
 from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
 from ..protocol.replay import make_token, parse_replay_request, read_token
 from ..store import Device, Outcome, StoredEvent
+from ..tracing import span
 from .connection import Connection
 from .context import Gateway
 from .pairing import complete_pairing, initiate_pairing
@@ -431,11 +432,14 @@ class Session:
 
     async def _store_event(self, event: NewEvent) -> None:
         gw = self.gw
-        try:
-            result = await gw.store.append_event(event)
-        except StoreUnavailable:
-            self.conn.close(TRY_AGAIN)
-            return
+        with span("event.ingest", payload_size=event.payload_size) as s:
+            try:
+                result = await gw.store.append_event(event)
+            except StoreUnavailable:
+                self.conn.close(TRY_AGAIN)
+                return
+            if s is not None:
+                s.set_attribute("outcome", result.outcome.value)
         gw.metrics.events.labels(result.outcome.value).inc()
         if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
             self.conn.send(encode(ack_stored(event.device_seq, event.event_id, result.outcome.value)))

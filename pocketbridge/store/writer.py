@@ -18,6 +18,7 @@ import trio
 
 from ..clock import Clock
 from ..errors import StoreUnavailable
+from ..tracing import span
 from . import CommitHook, StoredEvent
 
 log = logging.getLogger("pocketbridge.store")
@@ -159,7 +160,8 @@ class BatchWriter:
         stored: list[StoredEvent] = []
         started = trio.current_time()
         try:
-            stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+            with span("store.batch", operations=len(batch)):
+                stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
             self.observe("write_batch", trio.current_time() - started)
             self._breaker.succeeded()
         except StoreUnavailable as exc:
