@@ -61,10 +61,11 @@ def test_defaults_match_spec() -> None:
     assert attrs.astuple(c.limits) == (5, 50, 60, 30, 1000, 1000, 20, 300)
     assert attrs.astuple(c.replay) == (100, 1000, 8 * MiB, 10_000, 3600)
     assert attrs.astuple(c.pairing) == (300, 10, 5, 20, 60)
-    assert attrs.astuple(c.retention) == (90, 3600)
+    assert attrs.astuple(c.retention) == (90, 90, 3600)  # event_days, audit_days, purge_interval
     assert attrs.astuple(c.http) == (3600, 65536, (), 60, 30, 120, 10, 30, 3)
     assert attrs.astuple(c.admin) == ("", 60, 10)
     assert (c.log.level, c.log.format, c.drain.window, c.drain.deadline) == ("info", "auto", 10, 30)
+    assert (c.tracing.exporter, c.tracing.service_name) == ("none", "pocketbridge")
 
 
 def test_load_without_file_is_defaults_with_resolved_data_dir(tmp_path: Path) -> None:
