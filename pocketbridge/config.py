@@ -20,7 +20,11 @@ from typing import Any
 
 import attrs
 import cattrs
-from cattrs.errors import AttributeValidationNote, ClassValidationError, ForbiddenExtraKeysError
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+)
 from cattrs.gen import make_dict_structure_fn, override
 
 from pocketbridge.errors import ConfigError

@@ -40,7 +40,11 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
     except ImportError:
         raise ConfigError(
             ["[tracing] exporter is set but OpenTelemetry is not installed: pip install 'pocketbridge[tracing]'"]
@@ -51,7 +55,9 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
     elif config.tracing.exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter,
+        )
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.tracing.endpoint)))
     _tracer = provider.get_tracer("pocketbridge")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..audit import audit
 from ..errors import (
     DEVICE_KEY_MISMATCH,

@@ -10,6 +10,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 
+from ..audit import audit
 from ..errors import (
     HANDSHAKE_TIMEOUT,
     INTERNAL_ERROR,
@@ -18,11 +19,10 @@ from ..errors import (
     ProtocolClose,
     StoreUnavailable,
 )
-from ..audit import audit
 from ..limits import peer_address
 from ..logs import request_id_var
-from ..tracing import span
 from ..protocol.envelope import parse_frame
+from ..tracing import span
 from .connection import Connection, Socket
 from .context import Gateway
 from .handshake import perform_handshake

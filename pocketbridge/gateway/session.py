@@ -23,8 +23,8 @@ from ..errors import (
     ACCOUNT_DELETED,
     DEVICE_REVOKED,
     HEARTBEAT_TIMEOUT,
-    REVOKED_CLOSE,
     REPLACED,
+    REVOKED_CLOSE,
     SEQUENCE_CONFLICT,
     SESSION_EXPIRED,
     TOO_MANY_EVENTS,
@@ -34,7 +34,13 @@ from ..errors import (
 )
 from ..limits import KeyedBuckets
 from ..protocol.envelope import Message, as_integral, encode
-from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
+from ..protocol.events import (
+    ErrorFrame,
+    NewEvent,
+    Rejection,
+    ack_stored,
+    validate_event,
+)
 from ..protocol.replay import make_token, parse_replay_request, read_token
 from ..store import Device, Outcome, StoredEvent
 from ..tracing import span

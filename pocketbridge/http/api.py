@@ -9,16 +9,20 @@ import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 from quart import Response, g, request
 from quart_trio import QuartTrio
-
-import attrs
 
 from .. import accounts
 from ..audit import audit
 from ..errors import ApiError, StoreUnavailable
 from ..gateway.context import Gateway
-from ..protocol.auth import admin_key_matches, bearer_token, issue_jwt, presented_admin_key
+from ..protocol.auth import (
+    admin_key_matches,
+    bearer_token,
+    issue_jwt,
+    presented_admin_key,
+)
 from ..protocol.envelope import is_hex, is_uuid4
 from ..store import Device, Rename, Unrevoke
 from .app import charge, error_response, json_response

@@ -28,8 +28,8 @@ from ..protocol.handshake import dedupe_device_name
 from . import (
     Admission,
     Admit,
-    AuditRecord,
     AdmitRequest,
+    AuditRecord,
     CommitHook,
     DeletedCounts,
     Device,
@@ -46,7 +46,7 @@ from . import (
     new_pairing_code,
     paginate,
 )
-from .writer import BatchWriter, Breaker, Op
+from .writer import BatchedWrites, BatchWriter, Breaker, Op
 
 log = logging.getLogger("pocketbridge.store")
 
@@ -101,7 +101,7 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-class PostgresStore:
+class PostgresStore(BatchedWrites):
     def __init__(self, config: Config, clock: Clock, instance_id: str) -> None:
         st = config.storage
         self._dsn = st.dsn
@@ -192,9 +192,6 @@ class PostgresStore:
             self.breaker.failed()
             raise
 
-    def observe_with(self, hook: Callable[[str, float], None]) -> None:
-        self._writer.observe = hook
-
     def stats(self) -> dict[str, float]:
         pool = self._pool.get_stats()
         return {
@@ -260,43 +257,6 @@ class PostgresStore:
             op.result = EventResult(_OUTCOMES[outcome], event)
         return stored
 
-    async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission:
-        return await self._writer.submit("admit", request)  # type: ignore[no-any-return]
-
-    async def append_event(self, event: NewEvent) -> EventResult:
-        return await self._writer.submit("event", event)  # type: ignore[no-any-return]
-
-    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None:
-        await self._writer.submit("presence", device_id, connection_id, online)
-
-    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
-        self._writer.note_cursor(device_id, user_id, cursor)
-
-    def note_seen(self, device_id: str, user_id: str) -> None:
-        self._writer.note_seen(device_id, user_id)
-
-    async def create_pairing_code(self, user_id: str, device_id: str, ttl_ms: int, max_devices: int) -> tuple[str, int] | None:
-        return await self._writer.submit("pairing_code", user_id, device_id, ttl_ms, max_devices)  # type: ignore[no-any-return]
-
-    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult:
-        return await self._writer.submit("complete_pairing", code, device_id, max_devices)  # type: ignore[no-any-return]
-
-    async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
-        return await self._writer.submit("revoke", device_id, reason, user_id)  # type: ignore[no-any-return]
-
-    async def mark_deleting(self, user_id: str) -> bool:
-        return await self._writer.submit("mark_deleting", user_id)  # type: ignore[no-any-return]
-
-    async def delete_user(self, user_id: str) -> DeletedCounts:
-        return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
-
-    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
-        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
-
-    def note_audit(self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None,
-                   detail: str | None) -> None:
-        self._writer.note_audit((at_ms, action, actor, target, peer, detail))
-
     async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
         def q(c: psycopg.Connection[Any]) -> list[AuditRecord]:
             rows = c.execute(
@@ -307,21 +267,6 @@ class PostgresStore:
             return [AuditRecord(*r) for r in rows]
 
         return await self._read(q)
-
-    async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
-        return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
-
-    async def unrevoke_device(self, device_id: str, max_devices: int) -> Unrevoke:
-        return await self._writer.submit("unrevoke", device_id, max_devices)  # type: ignore[no-any-return]
-
-    async def get_profile(self, user_id: str) -> Profile:
-        return await self._writer.submit("get_profile", user_id)  # type: ignore[no-any-return]
-
-    async def update_profile(self, user_id: str, changes: dict[str, Any]) -> Profile:
-        return await self._writer.submit("update_profile", user_id, changes)  # type: ignore[no-any-return]
-
-    async def remember_signature(self, signature: str, expires_ms: int) -> bool:
-        return await self._writer.submit("signature", signature, expires_ms)  # type: ignore[no-any-return]
 
     async def beat(self, instance_id: str, stale_after_ms: int) -> int:
         """Record this instance as alive; set devices of instances silent for ``stale_after_ms`` offline."""

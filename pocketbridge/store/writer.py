@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..clock import Clock
 from ..errors import StoreUnavailable
 from ..tracing import span
-from . import CommitHook, StoredEvent
+
+if TYPE_CHECKING:
+    from ..protocol.events import NewEvent
+from . import (
+    Admission,
+    AdmitRequest,
+    CommitHook,
+    DeletedCounts,
+    Device,
+    EventResult,
+    PairingResult,
+    Profile,
+    Rename,
+    StoredEvent,
+    Unrevoke,
+)
 
 log = logging.getLogger("pocketbridge.store")
 
@@ -186,3 +201,69 @@ class BatchWriter:
         for op in batch:
             op.result = None
             op.error = exc
+
+
+class BatchedWrites:
+    """The write half of the Store interface, shared by the backends: every write is an operation
+    of the batching writer (``self._writer``), applied inside the batch transaction by the backend's
+    ``_w_<kind>`` method."""
+
+    _writer: BatchWriter
+
+    async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission:
+        return await self._writer.submit("admit", request)  # type: ignore[no-any-return]
+
+    async def append_event(self, event: NewEvent) -> EventResult:
+        return await self._writer.submit("event", event)  # type: ignore[no-any-return]
+
+    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None:
+        await self._writer.submit("presence", device_id, connection_id, online)
+
+    async def create_pairing_code(
+        self, user_id: str, device_id: str, ttl_ms: int, max_devices: int
+    ) -> tuple[str, int] | None:
+        return await self._writer.submit("pairing_code", user_id, device_id, ttl_ms, max_devices)  # type: ignore[no-any-return]
+
+    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult:
+        return await self._writer.submit("complete_pairing", code, device_id, max_devices)  # type: ignore[no-any-return]
+
+    async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
+        return await self._writer.submit("revoke", device_id, reason, user_id)  # type: ignore[no-any-return]
+
+    async def mark_deleting(self, user_id: str) -> bool:
+        return await self._writer.submit("mark_deleting", user_id)  # type: ignore[no-any-return]
+
+    async def delete_user(self, user_id: str) -> DeletedCounts:
+        return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
+
+    async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
+        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
+
+    async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
+        return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
+
+    async def unrevoke_device(self, device_id: str, max_devices: int) -> Unrevoke:
+        return await self._writer.submit("unrevoke", device_id, max_devices)  # type: ignore[no-any-return]
+
+    async def get_profile(self, user_id: str) -> Profile:
+        return await self._writer.submit("get_profile", user_id)  # type: ignore[no-any-return]
+
+    async def update_profile(self, user_id: str, changes: dict[str, Any]) -> Profile:
+        return await self._writer.submit("update_profile", user_id, changes)  # type: ignore[no-any-return]
+
+    async def remember_signature(self, signature: str, expires_ms: int) -> bool:
+        return await self._writer.submit("signature", signature, expires_ms)  # type: ignore[no-any-return]
+
+    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
+        self._writer.note_cursor(device_id, user_id, cursor)
+
+    def note_seen(self, device_id: str, user_id: str) -> None:
+        self._writer.note_seen(device_id, user_id)
+
+    def note_audit(
+        self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None, detail: str | None
+    ) -> None:
+        self._writer.note_audit((at_ms, action, actor, target, peer, detail))
+
+    def observe_with(self, hook: Callable[[str, float], None]) -> None:
+        self._writer.observe = hook
