@@ -66,12 +66,12 @@ async def run_heartbeat(store: Store, instance_id: str) -> None:
 async def run_catch_up(hub: Hub, store: Store, bus: Bus) -> None:
     """The store is the truth: poll the heads of the users connected here and fill what the bus
     missed — every few seconds while it is healthy, twice a second while it is down, and at once
-    when it comes back."""
+    when its state changes."""
     while True:
         with trio.move_on_after(CATCH_UP_HEALTHY if bus.connected else CATCH_UP_DEGRADED):
-            reconnected = getattr(bus, "reconnected", None)
-            if reconnected is not None:
-                await reconnected.wait()
+            changed = getattr(bus, "changed", None)
+            if changed is not None:
+                await changed.wait()
             else:
                 await trio.sleep_forever()
         users = hub.users

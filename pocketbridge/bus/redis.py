@@ -60,7 +60,7 @@ class RedisBus:
         self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._publish_limiter = trio.CapacityLimiter(1)
         self.connected = False
-        self.reconnected = trio.Event()  # set (and replaced) whenever the subscription is (re)established
+        self.changed = trio.Event()  # set (and replaced) whenever ``connected`` flips
         self.dropped = 0
 
     async def run(self, sink: Sink, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -127,10 +127,10 @@ class RedisBus:
                         pass
 
     def _set_connected(self, up: bool) -> None:
-        if up and not self.connected:
-            log.info("Redis bus subscribed")
-            self.reconnected.set()
-            self.reconnected = trio.Event()
+        if up != self.connected:
+            log.info("Redis bus subscribed" if up else "Redis bus down; delivery between instances goes through the store")
+            self.changed.set()
+            self.changed = trio.Event()
         self.connected = up
 
     async def _dispatcher(self, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:

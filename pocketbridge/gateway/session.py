@@ -53,6 +53,7 @@ log = logging.getLogger("pocketbridge.gateway")
 UNKNOWN_DEVICE = "Unknown Device"
 GAP_FILL_PAGE = 1000
 MAX_OPEN_PAGES = 8
+MAX_EARLY_MESSAGES = 100  # control messages held back until session_established is sent
 SEEN_REFRESH = 60.0  # seconds between last_seen refreshes of an idle connected device (§4)
 
 
@@ -98,6 +99,7 @@ class Session:
         self.last = 0
         self._live = False
         self._early_max = 0
+        self._early_messages: list[str] = []
         self._gap_upto = 0
         self._gap_filling = False
         self.pairing_failures = 0
@@ -267,7 +269,10 @@ class Session:
         elif message.kind == "user_deleted":
             self._close_revoked("Account deleted", ACCOUNT_DELETED)
         elif message.device_id != self.device_id:  # presence, scratchpad_sync, device_paired
-            self.conn.send(message.data["wire"])
+            if self._live:
+                self.conn.send(message.data["wire"])
+            elif len(self._early_messages) < MAX_EARLY_MESSAGES:
+                self._early_messages.append(message.data["wire"])  # sent right after session_established
 
     def _close_revoked(self, reason: str, close: Close) -> None:
         payload = {"type": "device_revoked", "reason": reason, "timestamp": self.gw.clock.now_ms()}
@@ -276,6 +281,9 @@ class Session:
     def _start_live(self, head: int) -> None:
         self.head = self.last = head
         self._live = True
+        for wire in self._early_messages:
+            self.conn.send(wire)
+        self._early_messages.clear()
         if self._early_max > head:
             self._wake_gap(self._early_max)
 
