@@ -57,6 +57,7 @@ def _host(host: str) -> str:
 
 # Sections that can change at run time (SIGHUP); the others need a restart.
 RELOADABLE = ("ws", "session", "events", "limits", "replay", "pairing", "retention", "http", "admin", "log")
+RESTART_KEYS = (("http", "max_body_bytes"), ("log", "format"))  # inside reloadable sections, but fixed at start
 
 
 class Daemon:
@@ -96,16 +97,18 @@ class Daemon:
             log.error("reload refused, keeping the running configuration:\n%s", describe_problems(exc))
             return []
         old = self.config
-        pending = [name for name in fields_dict(Config) if name not in RELOADABLE and getattr(new, name) != getattr(old, name)]
+        pending = [f"[{name}]" for name in fields_dict(Config) if name not in RELOADABLE and getattr(new, name) != getattr(old, name)]
+        pending += [f"[{sec}] {key}" for sec, key in RESTART_KEYS
+                    if getattr(getattr(new, sec), key) != getattr(getattr(old, sec), key)]
         self.config = evolve(old, **{name: getattr(new, name) for name in RELOADABLE})
         changed = [name for name in RELOADABLE if getattr(new, name) != getattr(old, name)]
         if self.gateway is not None:
             self.gateway.config = self.config
-            self.gateway.limits = Limits.from_config(self.config)
+            self.gateway.limits = Limits.from_config(self.config, previous=self.gateway.limits)
         logging.getLogger().setLevel(self.config.log.level.upper())
         log.info("configuration reloaded; applied: %s", ", ".join(changed) or "no changes")
         if pending:
-            log.warning("changes to %s need a restart to take effect", ", ".join(f"[{n}]" for n in pending))
+            log.warning("changes to %s need a restart to take effect", ", ".join(pending))
         return pending
 
     async def run(self, *, handle_signals: bool = False, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -133,18 +136,17 @@ class Daemon:
             stop_tracing(provider)
 
     async def _serve(self, handle_signals: bool, task_status: Any) -> None:
-        identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
         store = open_store(self.config, self.clock, self.instance_id)
         bus = open_bus(self.config, self.instance_id)
         hub = Hub(bus)
-        self.metrics.watch(store, bus)
+        self.metrics.watch(store, bus, __version__, self.instance_id)
 
         async def on_commit(events: Sequence[StoredEvent]) -> None:
             with span("relay.publish", events=len(events)):
                 await bus.publish(
                     [
                         EventNotice(e.user_id, e.server_seq, e.device_id, e.event_id, e.device_seq, e.ttl,
-                                    event_message(e))
+                                    event_message(e), e.created_at)
                         for e in events
                     ]
                 )
@@ -152,11 +154,13 @@ class Daemon:
         async with trio.open_nursery() as services:
             await services.start(bus.run, hub.dispatch)
             await services.start(store.run, on_commit)
-            services.start_soon(run_purger, store, self.config)
+            services.start_soon(run_purger, store, lambda: self.config)
             if self.config.storage.backend != "sqlite":
                 services.start_soon(run_heartbeat, store, self.instance_id)
             if self.config.bus.backend != "memory":
                 services.start_soon(run_catch_up, hub, store, bus)
+            # after the store opened: a start that fails earlier never creates a key
+            identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
             gw = self.gateway = Gateway(
                 config=self.config, clock=self.clock, identity=identity, store=store, bus=bus, hub=hub,
                 metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,

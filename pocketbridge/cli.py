@@ -111,10 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_error(exc: BaseException) -> PocketBridgeError | None:
+    """The daemon's own error inside what trio raised (nurseries wrap errors in exception groups)."""
+    if isinstance(exc, PocketBridgeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _own_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except BaseExceptionGroup as group:
+            own = _own_error(group)
+            if own is None:
+                raise
+            raise own from None
     except ConfigError as exc:
         print(f"pocketbridge: invalid configuration:\n{describe_problems(exc)}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
+import attrs
 import trio
 
 
@@ -20,6 +22,7 @@ class KeyedBuckets:
         self._rate = rate / per
         self._burst = float(burst if burst is not None else rate)
         self._max_keys = max_keys
+        self.settings = (rate, per, self._burst, max_keys)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def take(self, key: str, cost: float = 1.0) -> bool:
@@ -63,6 +66,18 @@ class Counter:
             self._counts[key] = left
         else:
             self._counts.pop(key, None)
+
+
+def carry_over(fresh: Any, previous: Any) -> Any:
+    """``fresh`` with every bucket whose settings did not change replaced by its ``previous`` self
+    (so a config reload keeps what clients have spent), and live counts always carried over."""
+    for field in attrs.fields(type(fresh)):
+        new, old = getattr(fresh, field.name), getattr(previous, field.name)
+        if isinstance(new, Counter) or (isinstance(new, KeyedBuckets) and new.settings == old.settings):
+            setattr(fresh, field.name, old)
+        elif attrs.has(type(new)):
+            carry_over(new, old)
+    return fresh
 
 
 def parse_networks(entries: Iterable[str]) -> tuple[IPv4Network | IPv6Network, ...]:

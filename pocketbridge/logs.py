@@ -19,11 +19,16 @@ import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-_UUID = re.compile(r"\b([0-9a-fA-F]{8})-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b")
-_HEX = re.compile(r"\b([0-9a-fA-F]{8})[0-9a-fA-F]{24,}\b")
+_UUID = re.compile(r"(?<![0-9a-fA-F])([0-9a-fA-F]{8})-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_HEX = re.compile(r"(?<![0-9a-fA-F])([0-9a-fA-F]{8})[0-9a-fA-F]{24,}")
+# values of secret-bearing JSON fields, however short (e.g. a 20-character encrypted_payload)
+_FIELDS = re.compile(
+    r'("(?:encrypted_payload|payload|client_signature|server_signature|signature|nonce_c|nonce_c2|nonce_s|'
+    r'pairing_code|code|token|continuation_token|api_key)"\s*:\s*)"[^"]*"'
+)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _B64 = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}")
-_CODE = re.compile(r"(?<![\d.])\d{6}(?![\d.])")
+_CODE = re.compile(r"(?<![\w])(?<!\d\.)\d{6}(?!\w|\.\d)")
 
 
 def _blob(match: re.Match[str]) -> str:
@@ -33,6 +38,7 @@ def _blob(match: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
+    text = _FIELDS.sub(r'\1"[redacted]"', text)
     text = _JWT.sub("[redacted]", text)
     text = _UUID.sub(r"\1…", text)
     text = _HEX.sub(r"\1…", text)

@@ -4,6 +4,7 @@ heartbeat (presence across instances) and the catch-up poll behind the bus."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -33,15 +34,16 @@ async def purge_once(store: Store, config: Config) -> int:
         await trio.sleep(0)  # let live traffic through between batches
 
 
-async def run_purger(store: Store, config: Config) -> None:
+async def run_purger(store: Store, config: Callable[[], Config]) -> None:
+    """Purge now and then every ``[retention] purge_interval`` (read afresh: SIGHUP applies)."""
     while True:
         try:
-            purged = await purge_once(store, config)
+            purged = await purge_once(store, config())
             if purged:
                 log.info("purged %d expired events", purged)
         except StoreUnavailable:
             log.warning("event purge skipped: store unavailable")
-        await trio.sleep(config.retention.purge_interval)
+        await trio.sleep(config().retention.purge_interval)
 
 
 HEARTBEAT_SECONDS = 30.0

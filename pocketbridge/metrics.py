@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.info = Gauge("pocketbridge_info", "Always 1; labels name the version and instance", ["version", "instance"],
+                          registry=r)
         self.connections_open = Gauge("pocketbridge_connections_open", "Open WebSocket connections", registry=r)
         self.sessions_open = Gauge("pocketbridge_sessions_open", "Established sessions on this instance", registry=r)
         self.handshakes = Counter(
@@ -45,14 +47,21 @@ class Metrics:
             "pocketbridge_store", "Store gauges: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open",
             ["gauge"], registry=r,
         )
+        self.dropped = Gauge(
+            "pocketbridge_dropped", "Best-effort records dropped so far: audit (queue full), bus_publish (Redis)",
+            ["what"], registry=r,
+        )
         self.bus_connected = Gauge("pocketbridge_bus_connected", "1 while the fan-out bus works", registry=r)
         self.store_query_seconds = Histogram(
             "pocketbridge_store_query_seconds", "Store call latency by kind (write batch, read)", ["kind"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
         )
 
-    def watch(self, store: Any, bus: Any) -> None:
+    def watch(self, store: Any, bus: Any, version: str, instance: str) -> None:
         """Read the store's and bus's gauges at scrape time."""
+        self.info.labels(version, instance).set(1)
+        self.dropped.labels("audit").set_function(lambda: store.stats()["audit_dropped"])
+        self.dropped.labels("bus_publish").set_function(lambda: float(getattr(bus, "dropped", 0)))
         for name in ("pool_size", "pool_idle", "pool_waiting", "writer_queue", "breaker_open"):
             self.store.labels(name).set_function(lambda name=name: store.stats()[name])
         self.bus_connected.set_function(lambda: float(bus.connected))

@@ -25,7 +25,8 @@ class EventNotice:
     event_id: str
     device_seq: int
     ttl: int | None
-    wire: str  # the encoded `event` message, shared by every recipient
+    wire: str  # the encoded `event` message, shared by every recipient ("" = read it from the store)
+    created_at: int = 0  # commit time (ms), for the delivery-latency metric
 
 
 @attrs.frozen

@@ -35,7 +35,7 @@ MAX_INLINE_WIRE = 256 * 1024  # bigger events travel as a bare notice; receivers
 def encode_message(origin: str, m: BusMessage) -> tuple[str, bytes]:
     if isinstance(m, EventNotice):
         body: dict[str, Any] = {"o": origin, "k": "event", "u": m.user_id, "s": m.server_seq, "d": m.device_id,
-                                "i": m.event_id, "q": m.device_seq, "t": m.ttl}
+                                "i": m.event_id, "q": m.device_seq, "t": m.ttl, "c": m.created_at}
         if len(m.wire) <= MAX_INLINE_WIRE:
             body["w"] = m.wire
     else:
@@ -46,7 +46,7 @@ def encode_message(origin: str, m: BusMessage) -> tuple[str, bytes]:
 def decode_message(data: bytes) -> tuple[str, BusMessage]:
     b = json.loads(data)
     if b["k"] == "event":
-        return b["o"], EventNotice(b["u"], b["s"], b["d"], b["i"], b["q"], b["t"], b.get("w", ""))
+        return b["o"], EventNotice(b["u"], b["s"], b["d"], b["i"], b["q"], b["t"], b.get("w", ""), b.get("c", 0))
     return b["o"], Control(b["k"], b["u"], b["d"], b["c"], b["x"])
 
 

@@ -13,7 +13,7 @@ from ..bus import Bus
 from ..clock import Clock
 from ..config import Config
 from ..hub import Hub
-from ..limits import Counter, KeyedBuckets, parse_networks
+from ..limits import Counter, KeyedBuckets, carry_over, parse_networks
 from ..metrics import Metrics
 from ..protocol.handshake import ServerIdentity
 from ..store import Store
@@ -60,9 +60,9 @@ class Limits:
     http: HttpLimits
 
     @classmethod
-    def from_config(cls, config: Config) -> Limits:
+    def from_config(cls, config: Config, previous: Limits | None = None) -> Limits:
         lim, pairing = config.limits, config.pairing
-        return cls(
+        fresh = cls(
             trusted_proxies=parse_networks(config.server.trusted_proxies),
             connections_per_ip=Counter(),
             connects_per_ip=KeyedBuckets(lim.ws_connects_per_ip_per_minute, 60.0),
@@ -73,6 +73,7 @@ class Limits:
             pairing_failures=KeyedBuckets(pairing.max_failures_per_minute, 60.0, max_keys=1),
             http=HttpLimits.from_config(config),
         )
+        return fresh if previous is None else carry_over(fresh, previous)
 
 
 @attrs.define

@@ -59,7 +59,6 @@ async def perform_handshake(gw: Gateway, conn: Connection) -> tuple[Device, str]
     )
     admission = await gw.store.admit_device(request, gw.clock.now_ms())
     if admission.outcome is not Admit.OK:
-        gw.metrics.handshakes.labels(admission.outcome.value).inc()
         raise ProtocolClose(_REFUSALS[admission.outcome], subject=request.device_id)
     assert admission.device is not None
     if admission.created:

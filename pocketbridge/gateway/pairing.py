@@ -36,6 +36,7 @@ async def initiate_pairing(session: Session) -> None:
     cfg = gw.config
     if gw.limits.pairing_initiations.available(session.device_id) < 1:
         gw.metrics.rate_limited.labels("pairing_initiations").inc()
+        audit(gw, "rate_limited", actor=session.device_id, peer=session.conn.peer, detail="pairing_initiations")
         session.conn.send(_failed(TOO_MANY_REQUESTS))
         return
     try:
@@ -74,6 +75,7 @@ async def complete_pairing(session: Session, payload: Any) -> None:
         return
     if limits.pairing_failures.available(GLOBAL_KEY) < 1:
         gw.metrics.rate_limited.labels("pairing_failures_deployment").inc()
+        audit(gw, "rate_limited", actor=session.device_id, peer=peer, detail="pairing_failures_deployment")
         session.conn.send(_failed(DEPLOYMENT_LOCKOUT))
         return
     try:

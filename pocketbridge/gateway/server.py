@@ -12,7 +12,12 @@ from wsproto import ConnectionType, WSConnection
 
 from ..audit import audit
 from ..errors import (
+    DEVICE_KEY_MISMATCH,
+    DEVICE_LIMIT,
+    DEVICE_REVOKED,
     HANDSHAKE_TIMEOUT,
+    INVALID_SIGNATURE,
+    TOO_MANY_HANDSHAKES,
     INTERNAL_ERROR,
     TOO_MANY_CONNECTIONS,
     TRY_AGAIN,
@@ -23,7 +28,7 @@ from ..limits import peer_address
 from ..logs import request_id_var
 from ..protocol.envelope import parse_frame
 from ..tracing import span
-from .connection import Connection, Socket
+from .connection import FRAME_ERRORS, Connection, Socket
 from .context import Gateway
 from .handshake import perform_handshake
 from .session import Session
@@ -31,6 +36,16 @@ from .session import Session
 log = logging.getLogger("pocketbridge.gateway")
 
 RECEIVE_BUFFER = 4096
+# The bounded label set of pocketbridge_handshakes_total (besides "ok" and "invalid").
+HANDSHAKE_OUTCOMES = {
+    DEVICE_KEY_MISMATCH: "key_mismatch",
+    DEVICE_REVOKED: "revoked",
+    DEVICE_LIMIT: "limit",
+    TRY_AGAIN: "unavailable",
+    INVALID_SIGNATURE: "bad_signature",
+    HANDSHAKE_TIMEOUT: "timeout",
+    TOO_MANY_HANDSHAKES: "rate_limited",
+}
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -131,7 +146,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
                     conn.close_if_deferred()
             except ProtocolClose as exc:
                 if session is None:
-                    gw.metrics.handshakes.labels("refused").inc()
+                    gw.metrics.handshakes.labels(HANDSHAKE_OUTCOMES.get(exc.close, "invalid")).inc()
                     audit(gw, "handshake_refused", actor=exc.subject, peer=peer, detail=exc.close.reason)
                 conn.close(exc.close)
             except StoreUnavailable:
@@ -145,8 +160,9 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
         with trio.CancelScope(shield=True):
             gw.connections.discard(conn)
             gw.metrics.connections_open.dec()
-            if conn.close_reason is not None:
-                gw.metrics.closes.labels(str(conn.close_reason.code)).inc()
+            frame_close = ws.closed.code if ws.closed is not None and ws.closed.code in FRAME_ERRORS else None
+            if conn.close_reason is not None or frame_close is not None:
+                gw.metrics.closes.labels(str(conn.close_reason.code if conn.close_reason else frame_close)).inc()
                 if conn.overflowed:
                     gw.metrics.send_overflow.inc()
             if session is not None:

@@ -308,11 +308,14 @@ class Session:
             self._wake_gap(n.server_seq)
             return
         self.last = n.server_seq
-        if n.device_id == self.device_id or (n.ttl is not None and n.ttl <= self.gw.clock.now_ms()):
+        now = self.gw.clock.now_ms()
+        if n.device_id == self.device_id or (n.ttl is not None and n.ttl <= now):
             self._mark_done(n.server_seq)
             self._advance()
         else:
             self._deliver(n.server_seq, n.event_id, n.device_seq, n.wire)
+            if n.created_at:
+                self.gw.metrics.delivery_latency.observe(max(0, now - n.created_at) / 1000)
 
     def _deliver(self, seq: int, event_id: str, device_seq: int, wire: str, page: ReplayPage | None = None) -> None:
         self._track(event_id, seq, device_seq, page)

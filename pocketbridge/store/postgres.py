@@ -140,6 +140,9 @@ class PostgresStore(BatchedWrites):
             raise SchemaError(
                 f"the database schema is version {version}, newer than this release ({SCHEMA_VERSION}); upgrade pocketbridge"
             )
+        with self._pool.connection() as conn:  # a restarted instance of the same id has nobody online yet
+            conn.execute("UPDATE devices SET is_online = false, connection_id = NULL WHERE instance_id = %s",
+                         (self.instance_id,))
 
     async def run(self, on_commit: CommitHook, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -200,6 +203,7 @@ class PostgresStore(BatchedWrites):
             "pool_waiting": pool.get("requests_waiting", 0),
             "writer_queue": self._writer.queued,
             "breaker_open": float(self.breaker.is_open),
+            "audit_dropped": float(self._writer.audit_dropped),
         }
 
     # --- writes ----------------------------------------------------------------------------------

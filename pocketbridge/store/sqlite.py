@@ -70,6 +70,7 @@ class SqliteStore(BatchedWrites):
     def __init__(self, config: Config, clock: Clock) -> None:
         self._path = config.sqlite_path()
         self._synchronous = config.storage.sqlite_synchronous.upper()
+        self._op_timeout = config.storage.op_timeout
         self._clock = clock
         self.breaker = Breaker()
         self._writer = BatchWriter(
@@ -448,16 +449,24 @@ class SqliteStore(BatchedWrites):
 
     # --- reads -----------------------------------------------------------------------------------
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self.breaker.check()
         conn = await self._pool_receive.receive()
         started = trio.current_time()
+        done = False
         try:
-            result = await trio.to_thread.run_sync(fn, conn)
-            self._writer.observe("read", trio.current_time() - started)
-            return result
+            with trio.move_on_after(self._op_timeout):
+                result = await trio.to_thread.run_sync(fn, conn, abandon_on_cancel=True)
+                done = True
+                self._writer.observe("read", trio.current_time() - started)
+                return result
+            raise StoreUnavailable("SQLite read timed out")
         except sqlite3.Error as exc:
+            done = True
+            self.breaker.failed()
             raise StoreUnavailable(f"read failed: {type(exc).__name__}") from exc
         finally:
-            self._pool_send.send_nowait(conn)
+            # an abandoned thread may still use ``conn``: put a fresh connection in its place
+            self._pool_send.send_nowait(conn if done else self._connect(readonly=True))
 
     async def head_seq(self, user_id: str) -> int:
         def q(c: sqlite3.Connection) -> int:
@@ -548,6 +557,7 @@ class SqliteStore(BatchedWrites):
             "pool_waiting": self._pool_receive.statistics().tasks_waiting_receive,
             "writer_queue": self._writer.queued,
             "breaker_open": float(self.breaker.is_open),
+            "audit_dropped": float(self._writer.audit_dropped),
         }
 
     async def ping(self) -> None:
