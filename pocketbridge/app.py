@@ -188,7 +188,6 @@ class Daemon:
         assert gw is not None
         log.info("draining %d connections over %.1f s", len(gw.connections), self.config.drain.window)
         gw.stop_accepting()
-        self._http_shutdown.set()
         connections = list(gw.connections)
         start, window = trio.current_time(), self.config.drain.window
         for i, conn in enumerate(connections):
@@ -196,6 +195,9 @@ class Daemon:
             conn.close(SHUTTING_DOWN, after_current=True)
         while gw.connections:
             await trio.sleep(0.02)
+        # The HTTP listener answers (readiness 503 "draining") until the WebSockets are gone, so
+        # load balancers see the drain; then it stops accepting and finishes its requests.
+        self._http_shutdown.set()
         with trio.move_on_after(window):
             await gw.http_done.wait()
         front.cancel()

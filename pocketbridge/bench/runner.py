@@ -274,7 +274,7 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
         cpu0, loop0, jif0, t0 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
         replies = await call_all(workers, [cmd] * len(workers), timeout=p.duration + 2 * p.drain + 60)
         cpu1, loop1, jif1, t1 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
-        summary = _relay_summary(mode, replies, cpu0, cpu1, start_at)
+        summary = _relay_summary(mode, replies, cpu0, cpu1, p.duration)
         if loop0 is not None and loop1 is not None and "daemon" in summary and summary["active_s"] > 0:
             summary["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / summary["active_s"], 1)
         summary["machine_load"] = _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies)
@@ -315,7 +315,7 @@ def _machine_load(
 
 
 def _relay_summary(
-    mode: dict[str, Any], replies: list[dict[str, Any]], cpu0: float | None, cpu1: float | None, start_at: float
+    mode: dict[str, Any], replies: list[dict[str, Any]], cpu0: float | None, cpu1: float | None, duration: float
 ) -> dict[str, Any]:
     start = min(r["start_ns"] for r in replies)
     last_ack = max(r["last_ack_ns"] for r in replies)
@@ -329,6 +329,8 @@ def _relay_summary(
         for k, v in r["statuses"].items():
             statuses[k] = statuses.get(k, 0) + v
     active = (max(last_all, last_ack, send_end) - start) / 1e9
+    if active < 0.5 * duration:  # the phase broke off early (e.g. connections closed): use the whole phase
+        active = (max(r["end_ns"] for r in replies) - start) / 1e9
     lat = {key: [x for r in replies for x in r[key]] for key in ("lat_ack_ms", "lat_recv_ms", "lat_all_ms")}
     label = f"closed W={mode['window']}" if mode["mode"] == "closed" else f"open {mode['rate']:g}/s"
     out: dict[str, Any] = {
@@ -344,7 +346,7 @@ def _relay_summary(
         "ack_latency_ms": percentiles(lat["lat_ack_ms"]),
         "delivery_latency_ms": percentiles(lat["lat_recv_ms"]),
         "delivery_all_latency_ms": percentiles(lat["lat_all_ms"]),
-        "workers": [_cpu_report(r["cpu"], active) for r in replies],
+        "workers": [_cpu_report(r["cpu"], (r["end_ns"] - r["start_ns"]) / 1e9) for r in replies],
         "errors": [e for r in replies for e in r["errors"]][:20],
     }
     if cpu0 is not None and cpu1 is not None:

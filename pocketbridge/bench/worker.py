@@ -297,7 +297,7 @@ class Worker:
                     per_user = float(cmd["rate_per_user"])
                     offset_ns = int(float(cmd["offset_step_s"]) * 1e9 * rig.index) % int(1e9 / per_user)
                     await rig.send_open(start_ns, end_ns, per_user, offset_ns, self.payload_bytes)
-            except ClientError as exc:
+            except Exception as exc:  # Closed, possibly inside an exception group: report it, keep measuring
                 phase.errors.append(f"user {rig.index} sender: {describe(exc)}")
 
         # sending (plus the acks of what is in flight), bounded; then a bounded drain for deliveries
@@ -312,6 +312,7 @@ class Worker:
             while any(rig.up and rig.up.remaining for rig in self.rigs):
                 await trio.sleep(0.01)
         cpu = cpu_delta(cpu0)
+        end_ns = time.time_ns()
         # losses: stored (acked) events some receiver never got within the drain time
         losses = sent = unacked = 0
         statuses: dict[str, int] = {}
@@ -330,6 +331,7 @@ class Worker:
         return {
             "start_ns": start_ns,
             "send_end_ns": send_end_ns,
+            "end_ns": end_ns,
             "last_ack_ns": phase.last_ack_ns,
             "last_all_ns": phase.last_all_ns,
             "sent": sent,

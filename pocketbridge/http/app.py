@@ -113,6 +113,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.after_request
     async def after(response: Response) -> Response:
+        log.info("%s %s %d", request.method, request.path, response.status_code)
         response.headers["X-Request-ID"] = getattr(g, "request_id", "") or request_id(None)
         response.headers["X-Content-Type-Options"] = "nosniff"
         path = request.path
