@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +55,8 @@ class Running:
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
+
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
 
 # Sections that can change at run time (SIGHUP); the others need a restart.
 RELOADABLE = ("ws", "session", "events", "limits", "replay", "pairing", "retention", "http", "admin", "log")
@@ -129,6 +132,10 @@ class Daemon:
 
     async def _run(self, handle_signals: bool, task_status: Any) -> None:
         self.clock.anchor()
+        # The store's worker threads take the GIL back after every SQL call; with the default 5 ms
+        # switch interval a busy event loop makes each of those waits long, and a batch of events
+        # takes tens of milliseconds. A short interval keeps the writer moving.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         provider = setup_tracing(self.config) if self.config.tracing.exporter != "none" else None
         try:
             await self._serve(handle_signals, task_status)

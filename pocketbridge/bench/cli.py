@@ -33,7 +33,9 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--server-pid", type=int, metavar="PID", help="with --url: the server's PID, for RSS and CPU")
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to measure (default: all)")
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
-    p.add_argument("--duration", type=_positive(float), metavar="S", help="seconds per relay mode (default 10; quick 2)")
+    p.add_argument(
+        "--duration", type=_positive(float), metavar="S", help="seconds per relay mode (default 10; quick 2)"
+    )
     p.add_argument(
         "--rate",
         type=_positive(float),

@@ -52,9 +52,7 @@ def bench_overrides(data_dir: Path, ws_port: int, http_port: int, *, devices: in
         ("drain", "deadline"): 3,
         ("log", "level"): log_level,
     }
-    return {
-        f"PB_{sec.upper()}_{key.upper()}": str(value) for (sec, key), value in wanted.items() if _known(sec, key)
-    }
+    return {f"PB_{sec.upper()}_{key.upper()}": str(value) for (sec, key), value in wanted.items() if _known(sec, key)}
 
 
 def describe_config(config: Config) -> dict[str, Any]:

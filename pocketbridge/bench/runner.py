@@ -75,9 +75,16 @@ class Params:
         if args.quick:
             p = cls(users=3, duration=2.0, drain=5.0, handshakes=50, concurrency=20, idle=50, replay_events=500)
         for name, attr in (
-            ("users", "users"), ("devices", "devices"), ("duration", "duration"), ("window", "window"),
-            ("processes", "processes"), ("payload_bytes", "payload_bytes"), ("drain", "drain"),
-            ("handshakes", "handshakes"), ("concurrency", "concurrency"), ("idle", "idle"),
+            ("users", "users"),
+            ("devices", "devices"),
+            ("duration", "duration"),
+            ("window", "window"),
+            ("processes", "processes"),
+            ("payload_bytes", "payload_bytes"),
+            ("drain", "drain"),
+            ("handshakes", "handshakes"),
+            ("concurrency", "concurrency"),
+            ("idle", "idle"),
             ("replay_events", "replay_events"),
         ):
             value = getattr(args, name, None)
@@ -105,7 +112,7 @@ class WorkerProc:
         self._buf = b""
 
     async def start(self) -> None:
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "wb") as log:  # noqa: ASYNC230  (a local file, opened once)
             self.proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "pocketbridge.bench.worker"],
                 stdin=subprocess.PIPE,
@@ -161,7 +168,9 @@ class WorkerProc:
                     await proc.wait()
 
 
-async def call_all(workers: Sequence[WorkerProc], cmds: Sequence[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+async def call_all(
+    workers: Sequence[WorkerProc], cmds: Sequence[dict[str, Any]], timeout: float
+) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(workers)
 
     async def one(i: int) -> None:
@@ -251,8 +260,14 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
     setup = await call_all(
         workers,
         [
-            {"cmd": "relay_setup", "url": env.url, "users": u, "user_offset": o, "devices": p.devices,
-             "payload_bytes": p.payload_bytes}
+            {
+                "cmd": "relay_setup",
+                "url": env.url,
+                "users": u,
+                "user_offset": o,
+                "devices": p.devices,
+                "payload_bytes": p.payload_bytes,
+            }
             for u, o in zip(users, offsets, strict=True)
         ],
         timeout=90,
@@ -264,8 +279,12 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
         env.check_alive()
         start_at = time.time() + 0.5
         cmd: dict[str, Any] = {
-            "cmd": "relay_phase", "phase": phase_id, "mode": mode["mode"], "duration": p.duration,
-            "drain": p.drain, "start_at": start_at,
+            "cmd": "relay_phase",
+            "phase": phase_id,
+            "mode": mode["mode"],
+            "duration": p.duration,
+            "drain": p.drain,
+            "start_at": start_at,
         }
         if mode["mode"] == "closed":
             cmd.update(window=p.window, max_events=int(p.duration * 100_000))
@@ -321,9 +340,20 @@ def _relay_summary(
     last_ack = max(r["last_ack_ns"] for r in replies)
     last_all = max(r["last_all_ns"] for r in replies)
     send_end = max(r["send_end_ns"] for r in replies)
-    total = {k: sum(r[k] for r in replies) for k in (
-        "sent", "acked_stored", "unacked", "delivered_all", "deliveries", "duplicates", "losses", "stray", "receivers",
-    )}
+    total = {
+        k: sum(r[k] for r in replies)
+        for k in (
+            "sent",
+            "acked_stored",
+            "unacked",
+            "delivered_all",
+            "deliveries",
+            "duplicates",
+            "losses",
+            "stray",
+            "receivers",
+        )
+    }
     statuses: dict[str, int] = {}
     for r in replies:
         for k, v in r["statuses"].items():
@@ -350,7 +380,10 @@ def _relay_summary(
         "errors": [e for r in replies for e in r["errors"]][:20],
     }
     if cpu0 is not None and cpu1 is not None:
-        out["daemon"] = {"cpu_s": round(cpu1 - cpu0, 2), "cpu_pct": round(100 * (cpu1 - cpu0) / active, 1) if active > 0 else None}
+        out["daemon"] = {
+            "cpu_s": round(cpu1 - cpu0, 2),
+            "cpu_pct": round(100 * (cpu1 - cpu0) / active, 1) if active > 0 else None,
+        }
     return out
 
 
@@ -389,7 +422,10 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
         "machine_load": _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies),
     }
     if cpu0 is not None and cpu1 is not None:
-        out["daemon"] = {"cpu_s": round(cpu1 - cpu0, 2), "cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1) if wall else None}
+        out["daemon"] = {
+            "cpu_s": round(cpu1 - cpu0, 2),
+            "cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1) if wall else None,
+        }
         if loop0 is not None and loop1 is not None and wall:
             out["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / wall, 1)
     return out
@@ -446,8 +482,15 @@ async def run_memory(env: Env, p: Params) -> dict[str, Any]:
 
 async def run_replay(env: Env, p: Params) -> dict[str, Any]:
     reply = await env.workers[0].call(
-        {"cmd": "replay", "url": env.url, "events": p.replay_events, "window": p.replay_window,
-         "page_sizes": p.replay_page_sizes, "timeout": 60 + p.replay_events / 100, "daemon_pid": env.pid},
+        {
+            "cmd": "replay",
+            "url": env.url,
+            "events": p.replay_events,
+            "window": p.replay_window,
+            "page_sizes": p.replay_page_sizes,
+            "timeout": 60 + p.replay_events / 100,
+            "daemon_pid": env.pid,
+        },
         timeout=90 + p.replay_events / 100,
     )
     pages = reply["pages"]
@@ -494,17 +537,27 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
     def add(name: str, value: Any, target: float, higher_is_better: bool) -> None:
         met = None if value is None else (value >= target if higher_is_better else value <= target)
-        rows.append({"target": name, "value": value, "goal": f"{'>=' if higher_is_better else '<='} {target:g}", "met": met})
+        rows.append(
+            {"target": name, "value": value, "goal": f"{'>=' if higher_is_better else '<='} {target:g}", "met": met}
+        )
 
     relay = sc.get("relay") or {}
     for m in relay.get("modes", []):
         if m["mode"] == "closed":
-            add("relay events/s delivered to all other devices (closed loop)", m["events_per_s_delivered_all"],
-                TARGETS["relay_delivered_all_per_s"], True)
+            add(
+                "relay events/s delivered to all other devices (closed loop)",
+                m["events_per_s_delivered_all"],
+                TARGETS["relay_delivered_all_per_s"],
+                True,
+            )
         elif m.get("offered_rate") in (150, 500):
             key = f"open_{int(m['offered_rate'])}_p99_delivery_ms"
-            add(f"p99 delivery to all devices at open loop {m['offered_rate']:g}/s (ms)",
-                m["delivery_all_latency_ms"]["p99"], TARGETS[key], False)
+            add(
+                f"p99 delivery to all devices at open loop {m['offered_rate']:g}/s (ms)",
+                m["delivery_all_latency_ms"]["p99"],
+                TARGETS[key],
+                False,
+            )
     if "handshakes_per_s" in (sc.get("handshakes") or {}):
         add("handshakes/s", sc["handshakes"]["handshakes_per_s"], TARGETS["handshakes_per_s"], True)
     if "kb_per_connection" in (sc.get("memory") or {}):
@@ -522,9 +575,13 @@ def render(summary: dict[str, Any]) -> str:
             f"{_f(m['ram_mib'])} MiB RAM, Python {m['python']}, kernel {m['kernel']}"
         ),
         f"server: {summary['target']}"
-        + (f"; storage {d.get('storage_backend')}"
-           + (f" (synchronous={d['sqlite_synchronous']})" if d.get("sqlite_synchronous") else "")
-           + f", bus {d.get('bus_backend')}, log {d.get('log_level')}" if d else ""),
+        + (
+            f"; storage {d.get('storage_backend')}"
+            + (f" (synchronous={d['sqlite_synchronous']})" if d.get("sqlite_synchronous") else "")
+            + f", bus {d.get('bus_backend')}, log {d.get('log_level')}"
+            if d
+            else ""
+        ),
     ]
     sc = summary["scenarios"]
     if "relay" in sc:
@@ -538,8 +595,10 @@ def render(summary: dict[str, Any]) -> str:
                 f"acking by device_seq), {r['processes']} generator processes, {r['payload_bytes']} B payloads, "
                 f"{r['duration_s']:g} s per mode"
             )
-            head = (f"  {'mode':<14}{'sent':>8}{'acked/s':>10}{'all-dev/s':>11}{'ack p50/95/99 ms':>22}"
-                    f"{'deliv p50/95/99':>22}{'all-dev p50/95/99':>22}{'dup':>5}{'loss':>6}{'daemon':>8}  workers CPU")
+            head = (
+                f"  {'mode':<14}{'sent':>8}{'acked/s':>10}{'all-dev/s':>11}{'ack p50/95/99 ms':>22}"
+                f"{'deliv p50/95/99':>22}{'all-dev p50/95/99':>22}{'dup':>5}{'loss':>6}{'daemon':>8}  workers CPU"
+            )
             lines.append(head)
             for x in r["modes"]:
                 daemon_cpu = f"{_f(x['daemon']['cpu_pct'], 0)}%" if x.get("daemon") else "n/a"
@@ -623,6 +682,21 @@ def _check_loopback(url: str) -> None:
         raise BenchError(f"--url must be a ws:// URL on a loopback address (127.0.0.1), got {url!r}")
 
 
+def _problems(result: dict[str, Any]) -> list[str]:
+    """Why a scenario's figures are not clean (the exit status is then 1): errors, duplicates, losses."""
+    if "error" in result:
+        return ["did not complete"]
+    out = []
+    if result.get("duplicates"):
+        out.append(f"{result['duplicates']} duplicates")
+    if result.get("losses"):
+        out.append(f"{result['losses']} losses")
+    for mode in result.get("modes", []):
+        if mode["unacked"] or mode["errors"]:
+            out.append(f"{mode['label']}: {mode['unacked']} unacked, {len(mode['errors'])} errors")
+    return out
+
+
 async def _main(args: argparse.Namespace, params: Params, summary: dict[str, Any]) -> bool:
     chosen = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     ok = True
@@ -635,10 +709,14 @@ async def _main(args: argparse.Namespace, params: Params, summary: dict[str, Any
                 async with scenario_env(args, params, workers, Path(logs)) as env:
                     result = await RUNNERS[name](env, params)
                     result["daemon_pid"] = env.pid
-            except BenchError as exc:
-                ok = False
+            except (BenchError, RuntimeError, OSError) as exc:  # RuntimeError: the daemon would not start
                 result = {"error": str(exc), "duplicates": None, "losses": None}
                 print(f"[bench] {name} failed: {exc}", file=sys.stderr, flush=True)
+            problems = _problems(result)
+            if problems:
+                ok = False
+                result["problems"] = problems
+                print(f"[bench] {name}: {'; '.join(problems)}", file=sys.stderr, flush=True)
             result["wall_s"] = round(time.perf_counter() - t0, 2)
             summary["scenarios"][name] = result
     return ok
@@ -677,10 +755,14 @@ def main(args: argparse.Namespace) -> int:
     if not args.url:
         probe = DaemonProcess(config_file=args.config, devices=params.devices, log_level=args.daemon_log_level)
         try:
-            summary["daemon"] = {**describe_config(probe.config), "env_overrides": {
-                k: v for k, v in probe.overrides.items() if "DATA_DIR" not in k and "_FILE" not in k and "PATH" not in k
-                and "LISTEN" not in k
-            }}
+            summary["daemon"] = {
+                **describe_config(probe.config),
+                "env_overrides": {
+                    k: v
+                    for k, v in probe.overrides.items()
+                    if "DATA_DIR" not in k and "_FILE" not in k and "PATH" not in k and "LISTEN" not in k
+                },
+            }
         finally:
             probe.stop()
     try:

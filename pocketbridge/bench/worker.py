@@ -137,7 +137,7 @@ class UserRig:
                         nursery.cancel_scope.cancel()
             if scope.cancelled_caught and not self.ready.is_set():
                 self.error = f"user {self.index}: connections not established within {OPEN_TIMEOUT:g} s"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (reported to the runner, which fails the scenario)
             self.error = f"user {self.index}: {describe(exc)}"
         finally:
             self.ready.set()
@@ -297,7 +297,7 @@ class Worker:
                     per_user = float(cmd["rate_per_user"])
                     offset_ns = int(float(cmd["offset_step_s"]) * 1e9 * rig.index) % int(1e9 / per_user)
                     await rig.send_open(start_ns, end_ns, per_user, offset_ns, self.payload_bytes)
-            except Exception as exc:  # Closed, possibly inside an exception group: report it, keep measuring
+            except Exception as exc:  # noqa: BLE001  (Closed, maybe in an exception group: report, keep measuring)
                 phase.errors.append(f"user {rig.index} sender: {describe(exc)}")
 
         # sending (plus the acks of what is in flight), bounded; then a bounded drain for deliveries
@@ -375,7 +375,7 @@ class Worker:
                     with trio.fail_after(timeout):
                         async with connect(url, key, device_id, handshake_timeout=timeout):
                             latencies.append(ms(time.perf_counter_ns() - t0))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  (a failed handshake is a counted result)
                     failures.append(describe(exc))
 
         cpu0 = own_cpu()
@@ -433,7 +433,7 @@ class Worker:
                 if scope.cancelled_caught and not released:
                     self.idle_failed.append("open timeout")
                     note()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (a connection that fails to open is a counted result)
                 if not released:
                     self.idle_failed.append(describe(exc))
                     note()
@@ -518,7 +518,8 @@ class Worker:
                         "client_cpu_pct": round(100 * (cpu["user"] + cpu["sys"]) / acked_s, 1),
                         "daemon_cpu_pct": (
                             round(100 * (daemon1 - daemon0) / acked_s, 1)
-                            if daemon0 is not None and daemon1 is not None else None
+                            if daemon0 is not None and daemon1 is not None
+                            else None
                         ),
                     }
                 )
@@ -566,7 +567,7 @@ async def serve(stdin: trio.abc.ReceiveStream) -> None:
                     if handler is None:
                         raise ValueError(f"unknown command {cmd.get('cmd')!r}")
                     reply = {"ok": True, **(await handler(worker, cmd))}
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  (the worker survives and reports any failure)
                     reply = {"ok": False, "error": describe(exc)}
                 sys.stdout.write(json.dumps(reply, separators=(",", ":")) + "\n")
                 sys.stdout.flush()

@@ -23,6 +23,8 @@ from ..errors import MESSAGE_TOO_BIG, TRY_AGAIN, Close
 log = logging.getLogger("pocketbridge.gateway")
 
 
+WRITE_BATCH_BYTES = 256 * 1024  # queued messages the writer puts into one socket write
+
 FRAME_ERRORS = {1007: "Invalid UTF-8 in text frame", 1002: "Protocol error", 1009: MESSAGE_TOO_BIG.reason}
 
 
@@ -65,6 +67,18 @@ class Socket(WebSocketConnection):
         self.last_pong = trio.current_time()
         await super()._handle_pong_event(event)
 
+    async def send_many(self, messages: list[str]) -> None:
+        """Several text messages in one write (the writer drains its queue into one syscall)."""
+        if self._close_reason:
+            raise ConnectionClosed(self._close_reason)
+        data = b"".join(self._wsproto.send(TextMessage(data=m)) for m in messages)
+        async with self._stream_lock:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._abort_web_socket()
+                raise ConnectionClosed(self._close_reason) from None
+
     async def abort(self) -> None:
         """Close the TCP connection without a close handshake (the peer sees 1006)."""
         await self._close_stream()
@@ -98,6 +112,20 @@ class Outbox:
         message = await self._receive.receive()
         self.size -= len(message)
         return message
+
+    async def get_many(self, max_bytes: int) -> list[str]:
+        """At least one message, plus whatever else is queued, up to about ``max_bytes``."""
+        messages = [await self.get()]
+        size = len(messages[0])
+        while size < max_bytes:
+            try:
+                message = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            self.size -= len(message)
+            size += len(message)
+            messages.append(message)
+        return messages
 
 
 class Connection:
@@ -178,11 +206,11 @@ class Connection:
             task_status.started()
             try:
                 while True:
-                    message = await self.outbox.get()
+                    messages = await self.outbox.get_many(WRITE_BATCH_BYTES)
                     self._sending = True
                     try:
                         with trio.CancelScope(shield=True):
-                            await self.ws.send_message(message)
+                            await self.ws.send_many(messages)
                     finally:
                         self._sending = False
                         self._sent.set()

@@ -147,6 +147,12 @@ class SqliteStore(BatchedWrites):
         try:
             c.execute("BEGIN IMMEDIATE")
             for op in ops:
+                if op.kind == "event":
+                    # decides before it writes and cannot fail half-way: no savepoint needed
+                    op.result = self._w_event(c, now_ms, op.args[0])
+                    if op.result.outcome is Outcome.STORED:
+                        stored.append(op.result.event)
+                    continue
                 c.execute("SAVEPOINT op")
                 try:
                     op.result = getattr(self, f"_w_{op.kind}")(c, now_ms, *op.args)
@@ -155,8 +161,10 @@ class SqliteStore(BatchedWrites):
                     log.error("store operation %s failed: %s", op.kind, type(exc).__name__)
                     op.error = StoreUnavailable(f"store operation {op.kind} failed")
                 c.execute("RELEASE op")
-                if op.kind == "event" and op.result is not None and op.result.outcome is Outcome.STORED:
-                    stored.append(op.result.event)
+            c.executemany(  # one statement per batch instead of one per event
+                "UPDATE devices SET last_ack_device_seq = max(last_ack_device_seq, ?) WHERE device_id = ?",
+                [(e.device_seq, e.device_id) for e in stored],
+            )
             c.execute("COMMIT")
         except sqlite3.Error as exc:
             if c.in_transaction:
@@ -217,16 +225,15 @@ class SqliteStore(BatchedWrites):
             return EventResult(Outcome.REVOKED)
         if dev[2]:
             return EventResult(Outcome.DELETING)
-        same_seq = c.execute(
-            "SELECT event_id FROM events WHERE user_id = ? AND device_id = ? AND device_seq = ?",
-            (ev.user_id, ev.device_id, ev.device_seq),
+        # §5.4: the same (user, device, device_seq) decides first; else the same event_id is a duplicate
+        known = c.execute(
+            "SELECT event_id, device_id = ? AND device_seq = ? FROM events WHERE user_id = ? AND"
+            " ((device_id = ? AND device_seq = ?) OR event_id = ?) ORDER BY 2 DESC LIMIT 1",
+            (ev.device_id, ev.device_seq, ev.user_id, ev.device_id, ev.device_seq, ev.event_id),
         ).fetchone()
-        if same_seq is not None:
-            return EventResult(Outcome.DUPLICATE if same_seq[0] == ev.event_id else Outcome.CONFLICT)
-        if c.execute(
-            "SELECT 1 FROM events WHERE user_id = ? AND event_id = ?", (ev.user_id, ev.event_id)
-        ).fetchone():
-            return EventResult(Outcome.DUPLICATE)
+        if known is not None:
+            same_seq, conflict = known[1], known[0] != ev.event_id
+            return EventResult(Outcome.CONFLICT if same_seq and conflict else Outcome.DUPLICATE)
         (server_seq,) = c.execute(
             "UPDATE users SET server_seq = server_seq + 1, last_activity = ? WHERE user_id = ? RETURNING server_seq",
             (now_ms, ev.user_id),
@@ -241,10 +248,6 @@ class SqliteStore(BatchedWrites):
             ev.type, ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms,
         )
         c.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", stored_row(stored))
-        c.execute(
-            "UPDATE devices SET last_ack_device_seq = max(last_ack_device_seq, ?) WHERE device_id = ?",
-            (ev.device_seq, ev.device_id),
-        )
         return EventResult(Outcome.STORED, stored)
 
     def _w_presence(self, c: sqlite3.Connection, now_ms: int, device_id: str, conn_id: str, online: bool) -> None:
