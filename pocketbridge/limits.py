@@ -11,6 +11,26 @@ import attrs
 import trio
 
 
+class TokenBucket:
+    """One bucket: ``rate`` tokens per ``per`` seconds, ``rate`` at most."""
+
+    __slots__ = ("_rate", "_burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, per: float) -> None:
+        self._rate = rate / per
+        self._burst = self._tokens = float(rate)
+        self._stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class KeyedBuckets:
     """``rate`` tokens per ``per`` seconds with ``burst`` capacity, one bucket per key.
 

@@ -32,7 +32,7 @@ from ..errors import (
     Close,
     StoreUnavailable,
 )
-from ..limits import KeyedBuckets
+from ..limits import TokenBucket
 from ..protocol.envelope import Message, as_integral, encode
 from ..protocol.events import (
     ErrorFrame,
@@ -113,7 +113,7 @@ class Session:
         self._started = trio.current_time()
         self.expires_at = gw.clock.now_ms() + int(cfg.session.ttl * 1000)
         rate = cfg.limits.scratchpad_per_connection_per_second
-        self._scratchpad = KeyedBuckets(rate, 1.0, rate, max_keys=1)
+        self._scratchpad = TokenBucket(rate, 1.0)
 
     @property
     def short(self) -> str:
@@ -126,8 +126,7 @@ class Session:
         gw.metrics.sessions_open.inc()
         await gw.hub.attach(self)
         await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
-        head = await gw.store.head_seq(self.user_id)
-        await gw.store.set_presence(self.device_id, self.connection_id, True)
+        head = await gw.store.set_presence(self.device_id, self.connection_id, True)  # online; returns H
         self.conn.send(
             encode(
                 {
@@ -536,7 +535,7 @@ class Session:
     async def handle_scratchpad(self, msg: Message) -> None:
         """§5.7: forward unchanged to the user's other devices, best-effort and rate limited."""
         gw = self.gw
-        if not self._scratchpad.take("c"):
+        if not self._scratchpad.take():
             gw.metrics.scratchpad_dropped.inc()
             return
         await self.publish("scratchpad", {"type": "scratchpad_sync", "payload": msg.payload})

@@ -224,7 +224,9 @@ class Store(Protocol):
 
     async def append_event(self, event: NewEvent) -> EventResult: ...
 
-    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None: ...
+    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> int:
+        """Mark the device on- or offline (offline only if ``connection_id`` is still the one that set
+        it online); returns its user's head seq as of this commit (H, when going online)."""
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         """Raise a device's delivery cursor lazily (coalesced, flushed at least once a second)."""

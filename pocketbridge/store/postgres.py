@@ -325,7 +325,7 @@ class PostgresStore(BatchedWrites):
         row = c.execute("SELECT count(*) FROM devices WHERE user_id = %s AND revoked_at IS NULL", (user_id,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _w_presence(self, c: psycopg.Connection[Any], now_ms: int, device_id: str, conn_id: str, online: bool) -> None:
+    def _w_presence(self, c: psycopg.Connection[Any], now_ms: int, device_id: str, conn_id: str, online: bool) -> int:
         if online:
             c.execute(
                 "UPDATE devices SET is_online = true, connection_id = %s, instance_id = %s, last_seen = pb_ts(%s)"
@@ -338,6 +338,12 @@ class PostgresStore(BatchedWrites):
                 " WHERE device_id = %s AND connection_id = %s",
                 (now_ms, device_id, conn_id),
             )
+        # the committed head (the session subscribed before this, so anything later reaches it live)
+        row = c.execute(
+            "SELECT u.server_seq FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = %s",
+            (device_id,),
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def _w_coalesced(
         self,

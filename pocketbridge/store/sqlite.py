@@ -250,7 +250,7 @@ class SqliteStore(BatchedWrites):
         c.execute(f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", stored_row(stored))
         return EventResult(Outcome.STORED, stored)
 
-    def _w_presence(self, c: sqlite3.Connection, now_ms: int, device_id: str, conn_id: str, online: bool) -> None:
+    def _w_presence(self, c: sqlite3.Connection, now_ms: int, device_id: str, conn_id: str, online: bool) -> int:
         if online:
             c.execute(
                 "UPDATE devices SET is_online = 1, connection_id = ?, last_seen = ? WHERE device_id = ?",
@@ -262,6 +262,11 @@ class SqliteStore(BatchedWrites):
                 " WHERE device_id = ? AND connection_id = ?",
                 (now_ms, device_id, conn_id),
             )
+        row = c.execute(
+            "SELECT u.server_seq FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = ?",
+            (device_id,),
+        ).fetchone()
+        return int(row[0]) if row else 0
 
     def _w_coalesced(
         self,

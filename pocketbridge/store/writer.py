@@ -216,8 +216,8 @@ class BatchedWrites:
     async def append_event(self, event: NewEvent) -> EventResult:
         return await self._writer.submit("event", event)  # type: ignore[no-any-return]
 
-    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> None:
-        await self._writer.submit("presence", device_id, connection_id, online)
+    async def set_presence(self, device_id: str, connection_id: str, online: bool) -> int:
+        return await self._writer.submit("presence", device_id, connection_id, online)  # type: ignore[no-any-return]
 
     async def create_pairing_code(
         self, user_id: str, device_id: str, ttl_ms: int, max_devices: int
