@@ -79,6 +79,7 @@ class SqliteStore(BatchedWrites):
             op_timeout=config.storage.op_timeout,
             clock=clock,
             breaker=self.breaker,
+            in_loop=True,
         )
         self._w: sqlite3.Connection | None = None
         self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)

@@ -89,9 +89,17 @@ ApplyBatch = Callable[[Sequence[Op], int], list[StoredEvent]]
 
 class BatchWriter:
     def __init__(
-        self, apply_batch: ApplyBatch, *, batch_size: int, op_timeout: float, clock: Clock, breaker: Breaker
+        self,
+        apply_batch: ApplyBatch,
+        *,
+        batch_size: int,
+        op_timeout: float,
+        clock: Clock,
+        breaker: Breaker,
+        in_loop: bool = False,
     ) -> None:
         self._apply_batch = apply_batch
+        self._in_loop = in_loop
         self._breaker = breaker
         self._batch_size = batch_size
         self._op_timeout = op_timeout
@@ -176,7 +184,11 @@ class BatchWriter:
         started = trio.current_time()
         try:
             with span("store.batch", operations=len(batch)):
-                stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+                if self._in_loop:
+                    stored = self._apply_batch(batch, now_ms)
+                    await trio.lowlevel.checkpoint()
+                else:
+                    stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
             self.observe("write_batch", trio.current_time() - started)
             self._breaker.succeeded()
         except StoreUnavailable as exc:
