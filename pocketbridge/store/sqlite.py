@@ -1,6 +1,7 @@
 """The embedded store: one SQLite file in WAL mode.
 
-All writes go through the batching writer (one connection, used by one thread at a time); reads use
+All writes go through the batching writer on one connection: its statements run on the event loop
+(they take microseconds) and only the COMMIT, the fsync, runs in a worker thread; reads use
 a small pool of read-only connections. The schema carries a version so later releases can migrate it.
 """
 
@@ -79,7 +80,7 @@ class SqliteStore(BatchedWrites):
             op_timeout=config.storage.op_timeout,
             clock=clock,
             breaker=self.breaker,
-            in_loop=True,
+            commit=self._commit,
         )
         self._w: sqlite3.Connection | None = None
         self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)
@@ -166,12 +167,22 @@ class SqliteStore(BatchedWrites):
                 "UPDATE devices SET last_ack_device_seq = max(last_ack_device_seq, ?) WHERE device_id = ?",
                 [(e.device_seq, e.device_id) for e in stored],
             )
+        except sqlite3.Error as exc:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise StoreUnavailable(f"write failed: {type(exc).__name__}") from exc
+        return stored
+
+    def _commit(self) -> None:
+        """COMMIT the batch (with synchronous=full this is the fsync; it runs in a worker thread)."""
+        c = self._w
+        assert c is not None
+        try:
             c.execute("COMMIT")
         except sqlite3.Error as exc:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise StoreUnavailable(f"commit failed: {type(exc).__name__}") from exc
-        return stored
 
     def _w_admit(self, c: sqlite3.Connection, now_ms: int, req: AdmitRequest) -> Admission:
         row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (req.device_id,)).fetchone()

@@ -82,8 +82,10 @@ class Op:
         self.done = trio.Event()
 
 
-# apply_batch(ops, now_ms) runs in a worker thread, sets op.result / op.error on each operation and
-# returns the events it stored, in commit order. It raises only when the whole batch failed.
+# apply_batch(ops, now_ms) sets op.result / op.error on each operation and returns the events it
+# stored, in commit order; it raises only when the whole batch failed. It runs in a worker thread,
+# unless the backend gives a separate ``commit`` callable: then apply_batch runs on the event loop
+# (leaving the transaction open) and only ``commit`` runs in a thread.
 ApplyBatch = Callable[[Sequence[Op], int], list[StoredEvent]]
 
 
@@ -96,10 +98,10 @@ class BatchWriter:
         op_timeout: float,
         clock: Clock,
         breaker: Breaker,
-        in_loop: bool = False,
+        commit: Callable[[], None] | None = None,
     ) -> None:
         self._apply_batch = apply_batch
-        self._in_loop = in_loop
+        self._commit_fn = commit
         self._breaker = breaker
         self._batch_size = batch_size
         self._op_timeout = op_timeout
@@ -184,9 +186,10 @@ class BatchWriter:
         started = trio.current_time()
         try:
             with span("store.batch", operations=len(batch)):
-                if self._in_loop:
+                if self._commit_fn is not None:
+                    # the statements are quick: run them here; only the commit (fsync) goes to a thread
                     stored = self._apply_batch(batch, now_ms)
-                    await trio.lowlevel.checkpoint()
+                    await trio.to_thread.run_sync(self._commit_fn)
                 else:
                     stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
             self.observe("write_batch", trio.current_time() - started)
