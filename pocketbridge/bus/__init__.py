@@ -50,6 +50,7 @@ Sink = Callable[[BusMessage], None]
 
 class Bus(Protocol):
     connected: bool  # the fan-out between instances works (always True for the in-process bus)
+    spans_instances: bool  # messages reach other instances (False for the in-process bus)
 
     async def run(self, sink: Sink, *, task_status: Any = ...) -> None:
         """Deliver subscribed users' messages to ``sink`` (never blocking in it) until cancelled."""

@@ -12,6 +12,7 @@ from . import BusMessage, Sink
 
 class MemoryBus:
     connected = True
+    spans_instances = False
 
     def __init__(self) -> None:
         self._sink: Sink | None = None

@@ -51,6 +51,7 @@ def decode_message(data: bytes) -> tuple[str, BusMessage]:
 
 
 class RedisBus:
+    spans_instances = True
     def __init__(self, url: str, instance_id: str) -> None:
         self._url = url
         self._origin = instance_id

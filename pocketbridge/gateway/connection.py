@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -149,6 +148,7 @@ class Connection:
         self._deferred = False
         self.busy = False  # a client message is being processed
         self._writer_scope: trio.CancelScope | None = None
+        self._writer_stopped = False
         self._sending = False
         self._sent = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -197,13 +197,14 @@ class Connection:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def run_writer(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_writer(self) -> None:
         """The one task that writes to the socket. It runs outside the connection's nursery and is
         never cancelled mid-frame (a frame cut in half would corrupt the stream): :meth:`finish`
         stops it between frames, or aborts the TCP connection if a frame cannot get out in time."""
         with trio.CancelScope() as scope:
             self._writer_scope = scope
-            task_status.started()
+            if self._writer_stopped:
+                return
             try:
                 while True:
                     messages = await self.outbox.get_many(WRITE_BATCH_BYTES)
@@ -243,5 +244,6 @@ class Connection:
                 await self.ws.abort()
 
     def _stop_writer(self) -> None:
+        self._writer_stopped = True
         if self._writer_scope is not None:
             self._writer_scope.cancel()

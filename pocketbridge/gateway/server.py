@@ -124,7 +124,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
     gw.metrics.connections_open.inc()
     gw.connections.add(conn)
     session: Session | None = None
-    await outer.start(conn.run_writer)
+    outer.start_soon(conn.run_writer)
     try:
         async with trio.open_nursery() as nursery:
             conn.bind(nursery.cancel_scope)

@@ -124,8 +124,9 @@ class Session:
         """§3.6 steps 6–7: take over the device, subscribe, read H, mark online, greet, announce."""
         gw = self.gw
         gw.metrics.sessions_open.inc()
-        await gw.hub.attach(self)
-        await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
+        await gw.hub.attach(self)  # closes an older connection of this device here
+        if gw.bus.spans_instances:  # and on the other instances
+            await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
         head = await gw.store.set_presence(self.device_id, self.connection_id, True)  # online; returns H
         self.conn.send(
             encode(
