@@ -24,7 +24,7 @@ from .clock import Clock
 from .config import Config, describe_problems, load_config
 from .errors import SHUTTING_DOWN, ConfigError
 from .gateway.context import Gateway, Limits
-from .gateway.server import serve_gateway
+from .gateway.server import run_session_clock, serve_gateway
 from .gateway.session import event_message
 from .http.server import serve_http
 from .hub import Hub
@@ -175,6 +175,7 @@ class Daemon:
             try:
                 async with trio.open_nursery() as front:
                     ws_port = await front.start(serve_gateway, gw)
+                    front.start_soon(run_session_clock, gw)
                     http_port, metrics_port = await front.start(serve_http, gw, self._http_shutdown.wait)
                     url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
                     http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"

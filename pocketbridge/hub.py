@@ -23,6 +23,8 @@ class Member(Protocol):
 
     def catch_up(self, head: int) -> None: ...
 
+    def tick(self, now: float) -> None: ...
+
     def replaced(self) -> None: ...
 
 
@@ -36,6 +38,10 @@ class Hub:
     @property
     def connection_count(self) -> int:
         return len(self._devices)
+
+    def members(self) -> tuple[Member, ...]:
+        """Every session here (a snapshot)."""
+        return tuple(self._devices.values())
 
     @property
     def users(self) -> list[str]:

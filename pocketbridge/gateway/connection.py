@@ -22,9 +22,22 @@ from ..errors import MESSAGE_TOO_BIG, TRY_AGAIN, Close
 log = logging.getLogger("pocketbridge.gateway")
 
 
+PING = ""  # in an outbox: a protocol ping (every text message the server sends is non-empty JSON)
+PING_PAYLOAD = b"pb"
 WRITE_BATCH_BYTES = 256 * 1024  # queued messages the writer puts into one socket write
 
 FRAME_ERRORS = {1007: "Invalid UTF-8 in text frame", 1002: "Protocol error", 1009: MESSAGE_TOO_BIG.reason}
+
+
+class _Upgraded:
+    """Stands in for wsproto's finished HTTP handshake: it has no more events."""
+
+    @staticmethod
+    def events() -> tuple[()]:
+        return ()
+
+
+_UPGRADED = _Upgraded()
 
 
 class Socket(WebSocketConnection):
@@ -66,11 +79,18 @@ class Socket(WebSocketConnection):
         self.last_pong = trio.current_time()
         await super()._handle_pong_event(event)
 
+    def forget_handshake(self) -> None:
+        """Drop the HTTP upgrade's parser state once the WebSocket is open (a few kB per connection)."""
+        if self._wsproto.connection is not None:
+            self._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
+
     async def send_many(self, messages: list[str]) -> None:
         """Several text messages in one write (the writer drains its queue into one syscall)."""
         if self._close_reason:
             raise ConnectionClosed(self._close_reason)
-        data = b"".join(self._wsproto.send(TextMessage(data=m)) for m in messages)
+        data = b"".join(
+            self._wsproto.send(TextMessage(data=m) if m else Ping(payload=PING_PAYLOAD)) for m in messages
+        )
         async with self._stream_lock:
             try:
                 await self._stream.send_all(data)
@@ -81,12 +101,6 @@ class Socket(WebSocketConnection):
     async def abort(self) -> None:
         """Close the TCP connection without a close handshake (the peer sees 1006)."""
         await self._close_stream()
-
-    async def send_ping(self) -> None:
-        """A protocol ping without waiting for its pong (see ``last_pong``)."""
-        if self._close_reason:
-            raise ConnectionClosed(self._close_reason)
-        await self._send(Ping(payload=secrets.token_bytes(4)))
 
 
 class Outbox:
@@ -170,6 +184,10 @@ class Connection:
         if not self.outbox.put(message):
             self.overflowed = True
             self.close(TRY_AGAIN)
+
+    def send_ping(self) -> None:
+        """Queue a protocol ping (the writer turns the empty marker into a ping frame)."""
+        self.send(PING)
 
     def close(self, reason: Close, final_message: str | None = None, *, after_current: bool = False) -> None:
         """Close with ``reason`` (first call wins), optionally sending ``final_message`` just before.

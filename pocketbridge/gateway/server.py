@@ -36,6 +36,7 @@ from .session import Session
 log = logging.getLogger("pocketbridge.gateway")
 
 RECEIVE_BUFFER = 4096
+TICK = 1.0  # seconds between session timer checks
 # The bounded label set of pocketbridge_handshakes_total (besides "ok" and "invalid").
 HANDSHAKE_OUTCOMES = {
     DEVICE_KEY_MISMATCH: "key_mismatch",
@@ -91,6 +92,7 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
             forwarded = [v.decode("latin-1") for k, v in request.headers if k.lower() == b"x-forwarded-for"]
             peer = peer_address(_peer(stream), forwarded, gw.limits.trusted_proxies)
             await request.accept()
+            ws.forget_handshake()
             limits = gw.limits
             over = limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
             if over or not limits.connects_per_ip.take(peer):
@@ -137,7 +139,6 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
                     raise ProtocolClose(HANDSHAKE_TIMEOUT)
                 gw.metrics.handshakes.labels("ok").inc()
                 log.info("connection %s: session established for device %s", conn.short_id, session.short)
-                nursery.start_soon(session.run_timers)
                 while True:
                     message = parse_frame(await ws.get_message())
                     conn.busy = True
@@ -169,6 +170,16 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
                 with trio.move_on_after(gw.config.storage.op_timeout):
                     await session.teardown()
             await conn.finish()
+
+
+async def run_session_clock(gw: Gateway) -> None:
+    """One task ticks every session's timers (instead of a timer task per connection)."""
+    while True:
+        ws = gw.config.ws  # fine enough for sub-second intervals (tests), at most once a second
+        await trio.sleep(min(TICK, ws.ping_interval / 2, ws.pong_timeout / 4))
+        now = trio.current_time()
+        for member in gw.hub.members():
+            member.tick(now)
 
 
 async def serve_gateway(gw: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -110,7 +110,10 @@ class Session:
         self._pages: OrderedDict[int, ReplayPage] = OrderedDict()
         cfg = gw.config
         self._max_tracked = cfg.ws.max_tracked_deliveries
-        self._started = trio.current_time()
+        self._started = conn.ws.last_pong = trio.current_time()
+        self._warned = False
+        self._next_ping = self._started + cfg.ws.ping_interval
+        self._next_seen = self._started + SEEN_REFRESH
         self.expires_at = gw.clock.now_ms() + int(cfg.session.ttl * 1000)
         rate = cfg.limits.scratchpad_per_connection_per_second
         self._scratchpad = TokenBucket(rate, 1.0)
@@ -181,35 +184,25 @@ class Session:
         self.conn.close(REPLACED)
 
     # --- background tasks ----------------------------------------------------------------------
-    async def run_timers(self) -> None:
-        """Heartbeat (§4), the expiry warning and close, and the periodic ``last_seen`` refresh."""
+    def tick(self, now: float) -> None:
+        """The session's timers (§4), driven by the gateway's one clock task: heartbeat pings and
+        timeout, the expiry warning and close, and the periodic ``last_seen`` refresh."""
         cfg = self.gw.config
-        ws = self.conn.ws
-        ws.last_pong = start = self._started
-        warn_at = start + cfg.session.ttl - cfg.session.warning_before
-        expire_at = start + cfg.session.ttl
-        next_ping = start + cfg.ws.ping_interval
-        next_seen = start + SEEN_REFRESH
-        warned = False
-        while True:
-            await trio.sleep_until(min(next_ping, expire_at, next_seen, expire_at if warned else warn_at))
-            now = trio.current_time()
-            if now >= expire_at:
-                self.conn.close(SESSION_EXPIRED)
-                return
-            if not warned and now >= warn_at:
-                warned = True
-                self._warn_expiry()
-            if now >= next_seen:
-                next_seen = now + SEEN_REFRESH
-                self.gw.store.note_seen(self.device_id, self.user_id)
-            if now >= next_ping:
-                if now - ws.last_pong >= cfg.ws.pong_timeout:
-                    self.conn.close(HEARTBEAT_TIMEOUT)
-                    return
-                next_ping = now + cfg.ws.ping_interval
-                with trio.move_on_after(cfg.ws.ping_interval):
-                    await ws.send_ping()
+        if now >= self._started + cfg.session.ttl:
+            self.conn.close(SESSION_EXPIRED)
+            return
+        if now - self.conn.ws.last_pong >= cfg.ws.pong_timeout:
+            self.conn.close(HEARTBEAT_TIMEOUT)
+            return
+        if not self._warned and now >= self._started + cfg.session.ttl - cfg.session.warning_before:
+            self._warned = True
+            self._warn_expiry()
+        if now >= self._next_seen:
+            self._next_seen = now + SEEN_REFRESH
+            self.gw.store.note_seen(self.device_id, self.user_id)
+        if now >= self._next_ping:
+            self._next_ping = now + cfg.ws.ping_interval
+            self.conn.send_ping()
 
     def _warn_expiry(self) -> None:
         left_ms = max(0, self.expires_at - self.gw.clock.now_ms())
