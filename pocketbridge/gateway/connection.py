@@ -106,6 +106,8 @@ class Socket(WebSocketConnection):
 class Outbox:
     """A send queue bounded by message count and by size (characters of the encoded JSON)."""
 
+    __slots__ = ("_send", "_receive", "_max_bytes", "size")
+
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self._send, self._receive = trio.open_memory_channel[str](max_messages)
         self._max_bytes = max_bytes
@@ -142,6 +144,10 @@ class Outbox:
 
 
 class Connection:
+    __slots__ = (
+        "ws", "peer", "id", "outbox", "close_reason", "closed_by_peer", "overflowed", "_final", "_deferred", "busy",
+        "_scope", "_close_timeout", "_writer_scope", "_writer_stopped", "_sending", "_sent",
+    )
     def __init__(
         self,
         ws: Socket,

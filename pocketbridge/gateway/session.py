@@ -81,6 +81,12 @@ def presence_payload(device: Device, online: bool, now_ms: int) -> dict[str, Any
 
 
 class Session:
+    __slots__ = (
+        "_by_device_seq", "_deliveries", "_done", "_early_max", "_early_messages", "_gap_filling", "_gap_upto",
+        "_live", "_max_tracked", "_next_ping", "_next_seen", "_nursery", "_pages", "_scratchpad", "_started",
+        "_warned", "conn", "connection_id", "cursor", "device", "device_id", "expires_at", "gw", "head", "key",
+        "last", "pairing_failures", "user_id", "was_replaced", "wire_device_id",
+    )  # thousands of idle sessions: no per-instance __dict__
     def __init__(
         self, gw: Gateway, conn: Connection, device: Device, wire_device_id: str, nursery: trio.Nursery
     ) -> None:
