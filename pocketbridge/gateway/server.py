@@ -114,7 +114,8 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
 
 
 async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nursery) -> None:
-    """The WebSocket session of one connection; its writer runs in ``outer`` (see Connection)."""
+    """The WebSocket session of one connection: the message loop runs here, inside the connection's
+    cancel scope; its writer (and any gap filler) run in ``outer``, the connection's nursery."""
     cfg = gw.config.ws
     conn = Connection(
         ws, peer,
@@ -128,12 +129,12 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
     session: Session | None = None
     outer.start_soon(conn.run_writer)
     try:
-        async with trio.open_nursery() as nursery:
-            conn.bind(nursery.cancel_scope)
+        with trio.CancelScope() as scope:
+            conn.bind(scope)
             try:
                 with span("ws.handshake"), trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
                     device, wire_device_id = await perform_handshake(gw, conn)
-                    session = Session(gw, conn, device, wire_device_id, nursery)
+                    session = Session(gw, conn, device, wire_device_id, outer)
                     await session.establish()
                 if handshake_scope.cancelled_caught:
                     raise ProtocolClose(HANDSHAKE_TIMEOUT)
