@@ -116,6 +116,8 @@ CREATE OR REPLACE FUNCTION pb_ts(ms bigint) RETURNS timestamptz
 
 -- One event, one round trip: idempotency, server_seq and stream_seq in one call (§5.4).
 -- outcome: stored | duplicate | conflict | revoked | deleting
+-- Every writer of a user's events first locks the user's row, so the duplicate checks below cannot
+-- race another instance, and commit order equals server_seq order within the user.
 CREATE OR REPLACE FUNCTION pb_append_event(
     p_user text, p_event_id text, p_device text, p_device_seq bigint, p_stream text, p_type text,
     p_payload text, p_size integer, p_ttl bigint, p_now bigint,
@@ -124,8 +126,8 @@ CREATE OR REPLACE FUNCTION pb_append_event(
 DECLARE
     v_owner text; v_revoked timestamptz; v_deleting boolean; v_existing text;
 BEGIN
-    SELECT d.user_id, d.revoked_at, u.deleting INTO v_owner, v_revoked, v_deleting
-      FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = p_device;
+    SELECT u.deleting INTO v_deleting FROM users u WHERE u.user_id = p_user FOR UPDATE;
+    SELECT d.user_id, d.revoked_at INTO v_owner, v_revoked FROM devices d WHERE d.device_id = p_device;
     IF v_owner IS NULL OR v_owner <> p_user OR v_revoked IS NOT NULL THEN
         outcome := 'revoked'; RETURN;
     END IF;
@@ -141,7 +143,6 @@ BEGIN
     IF FOUND THEN
         outcome := 'duplicate'; RETURN;
     END IF;
-    BEGIN
     UPDATE users u SET server_seq = u.server_seq + 1, last_activity = pb_ts(p_now)
      WHERE u.user_id = p_user RETURNING u.server_seq INTO server_seq;
     INSERT INTO streams AS s (user_id, stream_id, last_seq) VALUES (p_user, p_stream, 1)
@@ -154,10 +155,6 @@ BEGIN
     UPDATE devices SET last_ack_device_seq = greatest(last_ack_device_seq, p_device_seq)
      WHERE device_id = p_device;
     outcome := 'stored';
-    EXCEPTION WHEN unique_violation THEN
-        -- another instance committed the same event meanwhile: nothing of this call remains
-        outcome := 'duplicate'; server_seq := NULL; stream_seq := NULL;
-    END;
 END $$;
 
 INSERT INTO pb_schema (version) VALUES (1) ON CONFLICT DO NOTHING;

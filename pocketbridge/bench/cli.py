@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 SCENARIOS = ("relay", "handshakes", "memory", "replay")
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def _positive(kind: type) -> Any:
@@ -32,6 +34,29 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--url", metavar="WS_URL", help="benchmark this running server (loopback) instead of starting one")
     p.add_argument("--server-pid", type=int, metavar="PID", help="with --url: the server's PID, for RSS and CPU")
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to measure (default: all)")
+    p.add_argument(
+        "--backend",
+        choices=("sqlite", "postgres"),
+        help="storage of the daemons the benchmark starts (default sqlite; overrides the config file). postgres: a "
+        "fresh database is created on the --dsn server for each scenario, migrated, and dropped afterwards",
+    )
+    p.add_argument("--bus", choices=("memory", "redis"), help="bus between instances (default memory)")
+    p.add_argument(
+        "--dsn",
+        metavar="DSN",
+        help=f"with --backend postgres: a loopback PostgreSQL server the benchmark may create and drop its own "
+        f"databases on (default {DEFAULT_DSN}; that database itself is only used to connect)",
+    )
+    p.add_argument(
+        "--redis-url", metavar="URL", help=f"with --bus redis: a loopback Redis server (default {DEFAULT_REDIS_URL})"
+    )
+    p.add_argument(
+        "--instances",
+        type=_positive(int),
+        metavar="N",
+        help="daemons sharing the database, the Redis bus and one identity key (default 1; > 1 needs --backend "
+        "postgres --bus redis). Relay: each user's sender on instance 1, its receivers alternately on 1..N",
+    )
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
     p.add_argument(
         "--duration", type=_positive(float), metavar="S", help="seconds per relay mode (default 10; quick 2)"
@@ -41,7 +66,7 @@ def add_bench_parser(sub: Any) -> None:
         type=_positive(float),
         nargs="+",
         metavar="R",
-        help="open-loop total event rates per second (default: 150 and 500)",
+        help="open-loop total event rates per second (default: 150 and 500; 300 with --backend postgres)",
     )
     p.add_argument("--window", type=_positive(int), metavar="W", help="closed loop: in-flight events per sender (32)")
     p.add_argument("--users", type=_positive(int), metavar="U", help="relay users (default 20; quick 3)")

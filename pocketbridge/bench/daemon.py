@@ -1,4 +1,9 @@
-"""Start and stop a private ``pocketbridge serve`` subprocess for the benchmark (loopback only)."""
+"""Start and stop private ``pocketbridge serve`` subprocesses for the benchmark (loopback only).
+
+With ``--backend postgres`` / ``--bus redis`` the daemons of a scenario share a :class:`SharedBackend`: a fresh
+PostgreSQL database of the benchmark's own (created, migrated with ``pocketbridge migrate``, dropped WITH (FORCE)
+afterwards), the Redis URL and one identity key file (``pocketbridge keygen``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -33,12 +39,67 @@ def _known(section: str, key: str) -> bool:
     return cls is not None and any(a.name == key for a in attrs.fields(cls))
 
 
-def bench_overrides(data_dir: Path, ws_port: int, http_port: int, *, devices: int, log_level: str) -> dict[str, str]:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@attrs.frozen
+class BackendChoice:
+    """What the benchmark's daemons store in and talk over (from --backend, --bus, --dsn, --redis-url, --instances)."""
+
+    storage: str = "sqlite"
+    bus: str = "memory"
+    admin_dsn: str = "postgresql://postgres@127.0.0.1:5432/test"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    instances: int = 1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.instances > 1 and (self.storage, self.bus) != ("postgres", "redis"):
+            out.append(
+                f"--instances {self.instances} needs --backend postgres --bus redis (instances share the database "
+                f"and the bus; got --backend {self.storage} --bus {self.bus})"
+            )
+        if self.storage == "postgres":
+            host = _dsn_host(self.admin_dsn)
+            if host is not None and host not in LOOPBACK and not host.startswith("/"):
+                out.append(
+                    f"--dsn must point at a loopback PostgreSQL (127.0.0.1 or a local socket), got host {host!r}"
+                )
+        if self.bus == "redis":
+            parts = urlsplit(self.redis_url)
+            if parts.scheme not in ("redis", "unix") or (parts.scheme == "redis" and parts.hostname not in LOOPBACK):
+                out.append(f"--redis-url must be a redis:// URL on a loopback address, got {self.redis_url!r}")
+        return out
+
+
+def _dsn_host(dsn: str) -> str | None:
+    """The host (or hostaddr) of a libpq DSN or URL; None for the default (a local socket); '?' if unparsable."""
+    try:
+        import psycopg.conninfo
+
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001  (any parse error: refuse the DSN)
+        return "?"
+    host = info.get("hostaddr") or info.get("host")
+    return str(host) if host else None
+
+
+def bench_overrides(
+    data_dir: Path,
+    ws_port: int,
+    http_port: int,
+    *,
+    devices: int,
+    log_level: str,
+    shared: dict[tuple[str, str], Any] | None = None,
+) -> dict[str, str]:
     """The ``PB_<SECTION>_<KEY>`` variables of the benchmark daemon (keys the config doesn't know are left out)."""
     wanted: dict[tuple[str, str], Any] = {
         ("server", "data_dir"): data_dir,
         ("server", "identity_key_file"): data_dir / "identity.key",
+        ("storage", "backend"): "sqlite",
         ("storage", "path"): data_dir / "pocketbridge.db",
+        ("bus", "backend"): "memory",
         ("listen", "ws"): f"{HOST}:{ws_port}",
         ("listen", "http"): f"{HOST}:{http_port}",
         # the load generator is one user-agent on one address: lift the per-user and per-address limits
@@ -51,8 +112,108 @@ def bench_overrides(data_dir: Path, ws_port: int, http_port: int, *, devices: in
         ("drain", "window"): 0.5,
         ("drain", "deadline"): 3,
         ("log", "level"): log_level,
+        **(shared or {}),
     }
     return {f"PB_{sec.upper()}_{key.upper()}": str(value) for (sec, key), value in wanted.items() if _known(sec, key)}
+
+
+def _run_cli(args: list[str], env: dict[str, str], timeout: float, what: str) -> str:
+    """``python -m pocketbridge <args>``, bounded; its output, or RuntimeError with it."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pocketbridge", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {output[-2000:]}")
+    return output
+
+
+class SharedBackend:
+    """What a scenario's daemons share: its own PostgreSQL database, the Redis URL, one identity key file.
+
+    setup() creates (and migrates) the database, checks Redis and writes the key; teardown() drops the database
+    WITH (FORCE) and removes the key. Both block (run them in a thread); teardown is safe to call twice.
+    """
+
+    def __init__(self, choice: BackendChoice, *, config_file: str | None, tag: str) -> None:
+        self.choice = choice
+        self.config_file = config_file
+        self.dir = Path(tempfile.mkdtemp(prefix="pb-bench-shared-"))
+        self.key_file = self.dir / "identity.key"
+        self.dbname = f"pocketbridge_bench_{os.getpid()}_{tag}" if choice.storage == "postgres" else None
+        self.dsn: str | None = None
+        self._created = False
+        self.env = {k: v for k, v in os.environ.items() if k != "PB_CONFIG"}
+        self.migrate_output = ""
+
+    def overrides(self) -> dict[tuple[str, str], Any]:
+        out: dict[tuple[str, str], Any] = {("storage", "backend"): self.choice.storage}
+        if self.choice.storage == "postgres":
+            assert self.dsn is not None, "setup() first"
+            out[("storage", "dsn")] = self.dsn
+            out[("server", "identity_key_file")] = self.key_file
+        out[("bus", "backend")] = self.choice.bus
+        if self.choice.bus == "redis":
+            out[("bus", "url")] = self.choice.redis_url
+        if self.choice.instances > 1:
+            out[("server", "identity_key_file")] = self.key_file
+        return out
+
+    def setup(self) -> None:
+        if self.choice.bus == "redis":
+            self._check_redis()
+        if self.dbname is not None:
+            import psycopg
+            import psycopg.conninfo
+
+            try:
+                with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=5) as admin:
+                    admin.execute(f'CREATE DATABASE "{self.dbname}"')
+                    self._created = True
+            except psycopg.Error as exc:
+                raise RuntimeError(
+                    f"cannot create the benchmark database {self.dbname} on the --dsn server: "
+                    f"{type(exc).__name__}: {str(exc).strip()}"
+                ) from None
+            self.dsn = psycopg.conninfo.make_conninfo(self.choice.admin_dsn, dbname=self.dbname)
+            cmd = ["migrate"] + (["--config", self.config_file] if self.config_file else [])
+            env = {**self.env, "PB_STORAGE_BACKEND": "postgres", "PB_STORAGE_DSN": self.dsn}
+            self.migrate_output = _run_cli(cmd, env, 120, "pocketbridge migrate")
+        if self.dbname is not None or self.choice.instances > 1:
+            _run_cli(["keygen", "--out", str(self.key_file)], self.env, 60, "pocketbridge keygen")
+
+    def _check_redis(self) -> None:
+        import redis
+
+        try:
+            client = redis.Redis.from_url(self.choice.redis_url, socket_timeout=3, socket_connect_timeout=3)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (redis.RedisError, OSError) as exc:
+            raise RuntimeError(f"Redis is not reachable at --redis-url: {type(exc).__name__}: {exc}") from None
+
+    def teardown(self) -> None:
+        created, self._created = self._created, False
+        try:
+            if created:
+                import psycopg
+
+                with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=10) as admin:
+                    admin.execute("SET statement_timeout = '60s'")
+                    admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def describe_config(config: Config) -> dict[str, Any]:
@@ -71,24 +232,39 @@ def describe_config(config: Config) -> dict[str, Any]:
     }
     if s.backend == "sqlite":
         out["sqlite_synchronous"] = s.sqlite_synchronous
+    else:
+        out["storage_pool_size"] = s.pool_size
     return out
 
 
 class DaemonProcess:
     """``python -m pocketbridge serve`` with a fresh data dir on free loopback ports; always stop() it."""
 
-    def __init__(self, *, config_file: str | None, devices: int, log_level: str, keep_dir: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        config_file: str | None,
+        devices: int,
+        log_level: str,
+        keep_dir: bool = False,
+        shared: dict[tuple[str, str], Any] | None = None,
+        instance: int = 1,
+    ) -> None:
         self.config_file = config_file
         self.devices = devices
         self.log_level = log_level
         self.keep_dir = keep_dir
-        self.dir = Path(tempfile.mkdtemp(prefix="pb-bench-"))
+        self.instance = instance
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pb-bench-{instance}-"))
         self.ws_port = free_port()
         self.http_port = free_port()
         while self.http_port == self.ws_port:
             self.http_port = free_port()
+        extra = dict(shared or {})
+        if shared:  # readable instance ids in the shared database (instances, devices.instance_id)
+            extra.setdefault(("server", "instance_id"), f"bench-{os.getpid()}-{instance}")
         self.overrides = bench_overrides(
-            self.dir / "data", self.ws_port, self.http_port, devices=devices, log_level=log_level
+            self.dir / "data", self.ws_port, self.http_port, devices=devices, log_level=log_level, shared=extra
         )
         self.env = {k: v for k, v in os.environ.items() if k != "PB_CONFIG"}
         self.env.update(self.overrides)

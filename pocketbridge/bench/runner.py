@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,10 +25,11 @@ import attrs
 import trio
 
 from .. import __version__
-from .cli import SCENARIOS
-from .daemon import DaemonProcess, describe_config
+from .cli import DEFAULT_DSN, DEFAULT_REDIS_URL, SCENARIOS
+from .daemon import BackendChoice, DaemonProcess, SharedBackend, describe_config
 from .sysinfo import (
     busy_cores,
+    cpu_by_command,
     cpu_seconds,
     machine_info,
     machine_jiffies,
@@ -45,6 +47,13 @@ TARGETS = {
     "kb_per_idle_connection": 30,
     "replay_events_per_s": 20000,
 }
+# with --backend postgres --bus redis (printed only then; the relay targets above are for sqlite + memory)
+TARGETS_POSTGRES_REDIS = {
+    "relay_delivered_all_per_s": 1000,  # one instance, closed loop
+    "open_300_p99_delivery_ms": 100,  # strictly below
+    "instances_duplicates_losses": 0,  # the run with --instances >= 2
+}
+DATABASE_COMMANDS = ("postgres", "redis-server")  # their CPU is reported beside the daemons' when they are in use
 
 
 class BenchError(Exception):
@@ -92,6 +101,8 @@ class Params:
                 setattr(p, attr, value)
         if args.rate:
             p.rates = list(args.rate)
+        elif (getattr(args, "backend", None) or "sqlite") == "postgres":
+            p.rates = [300.0]
         if p.devices < 2:
             raise BenchError("--devices must be at least 2 (one sender, at least one receiver)")
         if p.payload_bytes < 17:
@@ -197,47 +208,126 @@ def split(total: int, parts: int) -> list[int]:
 
 
 @attrs.define
+class Sample:
+    """CPU readings at one moment: per daemon instance (whole process, event-loop thread), machine, databases."""
+
+    t: float
+    cpu: list[float | None]
+    loop: list[float | None]
+    jiffies: Any
+    databases: dict[str, float] | None
+
+
+@attrs.define
 class Env:
-    url: str
-    pid: int | None
+    urls: list[str]
+    pids: list[int | None]
     workers: list[WorkerProc]
-    daemon: DaemonProcess | None
+    daemons: list[DaemonProcess]
+    choice: BackendChoice
+    database: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def pid(self) -> int | None:
+        return self.pids[0]
 
     def cpu(self) -> float | None:
-        return cpu_seconds(self.pid) if self.pid else None
-
-    def loop_cpu(self) -> float | None:
-        return main_thread_cpu_seconds(self.pid) if self.pid else None
+        """CPU seconds of all the daemon instances (None if any PID is unknown)."""
+        values = [cpu_seconds(pid) if pid else None for pid in self.pids]
+        return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
     def rss(self) -> int | None:
         return rss_kb(self.pid) if self.pid else None
 
+    def sample(self) -> Sample:
+        uses = self.choice.storage == "postgres" or self.choice.bus == "redis"
+        return Sample(
+            t=time.time(),
+            cpu=[cpu_seconds(pid) if pid else None for pid in self.pids],
+            loop=[main_thread_cpu_seconds(pid) if pid else None for pid in self.pids],
+            jiffies=machine_jiffies(),
+            databases=cpu_by_command(DATABASE_COMMANDS) if uses else None,
+        )
+
     def check_alive(self) -> None:
-        if self.daemon is not None and self.daemon.proc is not None and self.daemon.proc.poll() is not None:
-            raise BenchError(f"the daemon died (exit {self.daemon.proc.returncode}):\n{self.daemon.log_tail()}")
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is not None:
+                raise BenchError(f"daemon instance {d.instance} died (exit {d.proc.returncode}):\n{d.log_tail()}")
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def daemon_cpu(s0: Sample, s1: Sample, seconds: float) -> dict[str, Any] | None:
+    """The daemons' CPU between two samples: total, and per instance (whole process and event-loop thread)."""
+    cpu = [_delta(a, b) for a, b in zip(s0.cpu, s1.cpu, strict=True)]
+    loop = [_delta(a, b) for a, b in zip(s0.loop, s1.loop, strict=True)]
+    if any(c is None for c in cpu) or seconds <= 0:
+        return None
+    total = sum(c for c in cpu if c is not None)
+    out: dict[str, Any] = {"cpu_s": round(total, 2), "cpu_pct": round(100 * total / seconds, 1)}
+    if all(x is not None for x in loop):
+        out["main_thread_cpu_pct"] = round(100 * sum(x for x in loop if x is not None) / seconds, 1)
+    if len(cpu) > 1:
+        out["instances"] = [
+            {
+                "instance": i + 1,
+                "cpu_s": round(c, 2) if c is not None else None,
+                "cpu_pct": round(100 * c / seconds, 1) if c is not None else None,
+                "main_thread_cpu_pct": round(100 * x / seconds, 1) if x is not None else None,
+            }
+            for i, (c, x) in enumerate(zip(cpu, loop, strict=True))
+        ]
+    return out
 
 
 @asynccontextmanager
-async def scenario_env(args: argparse.Namespace, params: Params, workers: int, log_dir: Path) -> AsyncIterator[Env]:
-    daemon: DaemonProcess | None = None
+async def scenario_env(
+    args: argparse.Namespace, params: Params, choice: BackendChoice, workers: int, log_dir: Path, tag: str
+) -> AsyncIterator[Env]:
+    """The daemon instance(s) (sharing a fresh database, the bus and one key) and the worker processes of one
+    scenario; everything is stopped, and the database dropped, on the way out."""
+    daemons: list[DaemonProcess] = []
+    shared: SharedBackend | None = None
     procs: list[WorkerProc] = []
     try:
         if args.url:
-            url, pid = args.url, args.server_pid
+            urls, pids = [args.url], [args.server_pid]
         else:
-            daemon = DaemonProcess(config_file=args.config, devices=params.devices, log_level=args.daemon_log_level)
-            await trio.to_thread.run_sync(daemon.start)
-            url, pid = daemon.url, daemon.pid
+            overrides = None
+            if (choice.storage, choice.bus, choice.instances) != ("sqlite", "memory", 1):
+                shared = SharedBackend(choice, config_file=args.config, tag=tag)
+                await trio.to_thread.run_sync(shared.setup)
+                overrides = shared.overrides()
+            for i in range(choice.instances):
+                daemons.append(
+                    DaemonProcess(
+                        config_file=args.config,
+                        devices=params.devices,
+                        log_level=args.daemon_log_level,
+                        shared=overrides,
+                        instance=i + 1,
+                    )
+                )
+                await trio.to_thread.run_sync(daemons[-1].start)
+            urls, pids = [d.url for d in daemons], [d.pid for d in daemons]
         procs = [WorkerProc(i, log_dir) for i in range(workers)]
         for w in procs:
             await w.start()
-        yield Env(url, pid, procs, daemon)
+        yield Env(urls, pids, procs, daemons, choice, shared.dbname if shared else None)
     finally:
         with trio.CancelScope(shield=True):
             for w in procs:
                 await w.stop()
-            if daemon is not None:
-                await trio.to_thread.run_sync(daemon.stop)
+            for d in daemons:
+                await trio.to_thread.run_sync(d.stop)
+            if shared is not None:
+                await trio.to_thread.run_sync(shared.teardown)
 
 
 # --- scenarios ------------------------------------------------------------------------------------------
@@ -263,6 +353,7 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
             {
                 "cmd": "relay_setup",
                 "url": env.url,
+                "urls": env.urls,
                 "users": u,
                 "user_offset": o,
                 "devices": p.devices,
@@ -290,13 +381,14 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
             cmd.update(window=p.window, max_events=int(p.duration * 100_000))
         else:
             cmd.update(rate_per_user=mode["rate"] / p.users, offset_step_s=1.0 / mode["rate"])
-        cpu0, loop0, jif0, t0 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
+        s0 = env.sample()
         replies = await call_all(workers, [cmd] * len(workers), timeout=p.duration + 2 * p.drain + 60)
-        cpu1, loop1, jif1, t1 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
-        summary = _relay_summary(mode, replies, cpu0, cpu1, p.duration)
-        if loop0 is not None and loop1 is not None and "daemon" in summary and summary["active_s"] > 0:
-            summary["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / summary["active_s"], 1)
-        summary["machine_load"] = _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies)
+        s1 = env.sample()
+        summary = _relay_summary(mode, replies, len(env.urls), p.duration)
+        daemon = daemon_cpu(s0, s1, summary["active_s"])
+        if daemon is not None:
+            summary["daemon"] = daemon
+        summary["machine_load"] = _machine_load(s0, s1, replies)
         results.append(summary)
     await call_all(workers, [{"cmd": "relay_teardown", "timeout": 15}] * len(workers), timeout=30)
     return {
@@ -304,6 +396,12 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
         "devices": p.devices,
         "receivers_per_user": p.devices - 1,
         "processes": len(workers),
+        "instances": len(env.urls),
+        "placement": (
+            "sender on instance 1; receiver i of user u on instance (u + i) mod N + 1"
+            if len(env.urls) > 1
+            else "one instance"
+        ),
         "payload_bytes": p.payload_bytes,
         "duration_s": p.duration,
         "setup_s": max(r["setup_s"] for r in setup),
@@ -314,27 +412,35 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
     }
 
 
-def _machine_load(
-    jif0: Any, jif1: Any, wall: float, cpu0: float | None, cpu1: float | None, replies: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """Cores busy on the whole machine over a step, and how much of it was the daemon and the workers."""
-    load = busy_cores(jif0, jif1)
+def _machine_load(s0: Sample, s1: Sample, replies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Cores busy on the whole machine over a step, and how much of it was the daemons, the workers and (when the
+    benchmark uses them) the PostgreSQL and Redis servers."""
+    load = busy_cores(s0.jiffies, s1.jiffies)
+    wall = s1.t - s0.t
     if load is None or wall <= 0:
         return None
     ours = sum(r["cpu"]["user"] + r["cpu"]["sys"] for r in replies)
-    if cpu0 is not None and cpu1 is not None:
-        ours += cpu1 - cpu0
+    for a, b in zip(s0.cpu, s1.cpu, strict=True):
+        if a is not None and b is not None:
+            ours += b - a
     ours_cores = round(ours / wall, 2)
-    return {
+    out: dict[str, Any] = {
         "machine_busy_cores": load["busy"],
         "softirq_cores": load["softirq"],
         "bench_processes_cores": ours_cores,
-        "other_cores": round(max(0.0, load["busy"] - ours_cores - load["softirq"]), 2),
     }
+    databases = 0.0
+    if s0.databases is not None and s1.databases is not None:
+        for name in DATABASE_COMMANDS:
+            cores = max(0.0, (s1.databases[name] - s0.databases[name]) / wall)
+            out[f"{name.replace('-', '_')}_cores"] = round(cores, 2)
+            databases += cores
+    out["other_cores"] = round(max(0.0, load["busy"] - ours_cores - load["softirq"] - databases), 2)
+    return out
 
 
 def _relay_summary(
-    mode: dict[str, Any], replies: list[dict[str, Any]], cpu0: float | None, cpu1: float | None, duration: float
+    mode: dict[str, Any], replies: list[dict[str, Any]], instances: int, duration: float
 ) -> dict[str, Any]:
     start = min(r["start_ns"] for r in replies)
     last_ack = max(r["last_ack_ns"] for r in replies)
@@ -379,11 +485,11 @@ def _relay_summary(
         "workers": [_cpu_report(r["cpu"], (r["end_ns"] - r["start_ns"]) / 1e9) for r in replies],
         "errors": [e for r in replies for e in r["errors"]][:20],
     }
-    if cpu0 is not None and cpu1 is not None:
-        out["daemon"] = {
-            "cpu_s": round(cpu1 - cpu0, 2),
-            "cpu_pct": round(100 * (cpu1 - cpu0) / active, 1) if active > 0 else None,
-        }
+    if instances > 1:  # by the receiving device's instance (the sender is always on instance 1)
+        out["delivery_latency_ms_by_receiver_instance"] = [
+            {"instance": i + 1, **percentiles([x for r in replies for x in r["lat_recv_ms_by_instance"][i]])}
+            for i in range(instances)
+        ]
     return out
 
 
@@ -392,16 +498,23 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
     counts = split(p.handshakes, len(workers))
     conc = [max(1, c) for c in split(p.concurrency, len(workers))]
     start_at = time.time() + 1.0 + p.handshakes / 2000  # key generation happens before
-    cpu0, loop0, jif0, t0 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
+    s0 = env.sample()
     replies = await call_all(
         workers,
         [
-            {"cmd": "handshakes", "url": env.url, "count": n, "concurrency": c, "start_at": start_at, "timeout": 30}
-            for n, c in zip(counts, conc, strict=True)
+            {
+                "cmd": "handshakes",
+                "url": env.urls[j % len(env.urls)],  # several instances: the generator processes spread over them
+                "count": n,
+                "concurrency": c,
+                "start_at": start_at,
+                "timeout": 30,
+            }
+            for j, (n, c) in enumerate(zip(counts, conc, strict=True))
         ],
         timeout=120 + p.handshakes / 10,
     )
-    cpu1, loop1, jif1, t1 = env.cpu(), env.loop_cpu(), machine_jiffies(), time.time()
+    s1 = env.sample()
     start = min(r["start_ns"] for r in replies)
     end = max(r["end_ns"] for r in replies)
     wall = (end - start) / 1e9
@@ -419,15 +532,12 @@ async def run_handshakes(env: Env, p: Params) -> dict[str, Any]:
         "workers": [_cpu_report(r["cpu"], wall) for r in replies],
         "duplicates": 0,
         "losses": sum(r["failed"] for r in replies),
-        "machine_load": _machine_load(jif0, jif1, t1 - t0, cpu0, cpu1, replies),
+        "instances": len({env.urls[j % len(env.urls)] for j in range(len(workers))}),
+        "machine_load": _machine_load(s0, s1, replies),
     }
-    if cpu0 is not None and cpu1 is not None:
-        out["daemon"] = {
-            "cpu_s": round(cpu1 - cpu0, 2),
-            "cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1) if wall else None,
-        }
-        if loop0 is not None and loop1 is not None and wall:
-            out["daemon"]["main_thread_cpu_pct"] = round(100 * (loop1 - loop0) / wall, 1)
+    daemon = daemon_cpu(s0, s1, wall)
+    if daemon is not None:
+        out["daemon"] = daemon
     return out
 
 
@@ -474,7 +584,9 @@ async def run_memory(env: Env, p: Params) -> dict[str, Any]:
         "rss_kb_with_connections": during,
         "rss_kb_after_close": after,
         "kb_per_connection": kb,
-        "note": None if env.pid else "daemon PID unknown (use --server-pid with --url): RSS is N/A",
+        "note": (None if env.pid else "daemon PID unknown (use --server-pid with --url): RSS is N/A")
+        if len(env.urls) == 1
+        else f"all connections on instance 1 of {len(env.urls)}; RSS of instance 1",
         "duplicates": 0,
         "losses": sum(r["failed"] for r in replies),
     }
@@ -485,11 +597,12 @@ async def run_replay(env: Env, p: Params) -> dict[str, Any]:
         {
             "cmd": "replay",
             "url": env.url,
+            "replay_url": env.urls[-1],  # several instances: stored through instance 1, replayed through the last
             "events": p.replay_events,
             "window": p.replay_window,
             "page_sizes": p.replay_page_sizes,
             "timeout": 60 + p.replay_events / 100,
-            "daemon_pid": env.pid,
+            "daemon_pid": env.pids[-1],
         },
         timeout=90 + p.replay_events / 100,
     )
@@ -503,6 +616,7 @@ async def run_replay(env: Env, p: Params) -> dict[str, Any]:
         "events_per_s": pages[0]["events_per_s"] if pages else None,
         "duplicates": sum(x["duplicates"] for x in pages),
         "losses": sum(x["losses"] for x in pages) + (p.replay_events - reply["stored"]),
+        "replayed_on_instance": len(env.urls),
     }
 
 
@@ -525,9 +639,12 @@ def _lat(d: dict[str, Any]) -> str:
 
 
 def _load_text(load: dict[str, Any]) -> str:
+    databases = ""
+    if "postgres_cores" in load:
+        databases = f" + PostgreSQL {load['postgres_cores']:.2f} + Redis {load['redis_server_cores']:.2f}"
     return (
         f"machine: {load['machine_busy_cores']:.2f} cores busy = daemon+workers {load['bench_processes_cores']:.2f}"
-        f" + softirq {load['softirq_cores']:.2f} + other processes {load['other_cores']:.2f}"
+        f"{databases} + softirq {load['softirq_cores']:.2f} + other processes {load['other_cores']:.2f}"
     )
 
 
@@ -535,14 +652,47 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     sc = summary["scenarios"]
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, value: Any, target: float, higher_is_better: bool) -> None:
-        met = None if value is None else (value >= target if higher_is_better else value <= target)
-        rows.append(
-            {"target": name, "value": value, "goal": f"{'>=' if higher_is_better else '<='} {target:g}", "met": met}
-        )
+    def add(name: str, value: Any, target: float, higher_is_better: bool, strict: bool = False) -> None:
+        if value is None:
+            met = None
+        elif higher_is_better:
+            met = value > target if strict else value >= target
+        else:
+            met = value < target if strict else value <= target
+        op = (">" if higher_is_better else "<") + ("" if strict else "=")
+        rows.append({"target": name, "value": value, "goal": f"{op} {target:g}", "met": met})
 
     relay = sc.get("relay") or {}
-    for m in relay.get("modes", []):
+    stack = (summary.get("backend", "sqlite"), summary.get("bus", "memory"))
+    instances = int(summary.get("instances", 1))
+    if stack == ("postgres", "redis"):
+        pg = TARGETS_POSTGRES_REDIS
+        for m in relay.get("modes", []):
+            if m["mode"] == "closed" and instances == 1:
+                add(
+                    "relay events/s delivered to all other devices, PostgreSQL + Redis, one instance (closed loop)",
+                    m["events_per_s_delivered_all"],
+                    pg["relay_delivered_all_per_s"],
+                    True,
+                )
+            elif m["mode"] == "open" and m.get("offered_rate") == 300:
+                add(
+                    f"p99 delivery to all devices at open loop 300/s, PostgreSQL + Redis, {instances} "
+                    f"instance{'s' if instances > 1 else ''} (ms)",
+                    m["delivery_all_latency_ms"]["p99"],
+                    pg["open_300_p99_delivery_ms"],
+                    False,
+                    strict=True,
+                )
+        if instances > 1 and relay:
+            lost = None if "error" in relay else (relay["duplicates"] or 0) + (relay["losses"] or 0)
+            add(
+                f"relay duplicates + losses across {instances} instances",
+                lost,
+                pg["instances_duplicates_losses"],
+                False,
+            )
+    for m in relay.get("modes", []) if stack == ("sqlite", "memory") else []:
         if m["mode"] == "closed":
             add(
                 "relay events/s delivered to all other devices (closed loop)",
@@ -581,8 +731,18 @@ def render(summary: dict[str, Any]) -> str:
             + f", bus {d.get('bus_backend')}, log {d.get('log_level')}"
             if d
             else ""
+        )
+        + (
+            f"; PostgreSQL database {summary['database']['name']} on {summary['database']['server']} "
+            "(fresh per scenario, dropped after)"
+            if summary.get("database")
+            else ""
         ),
     ]
+    if summary.get("instances", 1) > 1:
+        lines.append(
+            f"instances: {summary['instances']} daemons sharing that database, the Redis bus and one identity key"
+        )
     sc = summary["scenarios"]
     if "relay" in sc:
         r = sc["relay"]
@@ -595,6 +755,8 @@ def render(summary: dict[str, Any]) -> str:
                 f"acking by device_seq), {r['processes']} generator processes, {r['payload_bytes']} B payloads, "
                 f"{r['duration_s']:g} s per mode"
             )
+            if r.get("instances", 1) > 1:
+                lines.append(f"  {r['instances']} instances: {r['placement']}; daemon CPU = sum over instances")
             head = (
                 f"  {'mode':<14}{'sent':>8}{'acked/s':>10}{'all-dev/s':>11}{'ack p50/95/99 ms':>22}"
                 f"{'deliv p50/95/99':>22}{'all-dev p50/95/99':>22}{'dup':>5}{'loss':>6}{'daemon':>8}  workers CPU"
@@ -610,9 +772,26 @@ def render(summary: dict[str, Any]) -> str:
                     f"{x['duplicates']:>5}{x['losses']:>6}{daemon_cpu:>8}  {wcpu}"
                 )
                 load = x.get("machine_load")
+                per_instance = (x.get("daemon") or {}).get("instances")
+                if per_instance:
+                    lines.append(
+                        "    daemon CPU per instance: "
+                        + ", ".join(
+                            f"#{i['instance']} {_f(i['cpu_pct'], 0)}% (event loop {_f(i['main_thread_cpu_pct'], 0)}%)"
+                            for i in per_instance
+                        )
+                        + "; delivery p50/95/99 ms by receiver instance: "
+                        + ", ".join(
+                            f"#{i['instance']} {_lat(i)}" for i in x.get("delivery_latency_ms_by_receiver_instance", [])
+                        )
+                    )
                 if load:
                     loop = (x.get("daemon") or {}).get("main_thread_cpu_pct")
-                    loop_text = f"daemon event-loop thread {_f(loop, 0)}%; " if loop is not None else ""
+                    loop_text = (
+                        f"daemon event-loop thread{'s' if per_instance else ''} {_f(loop, 0)}%; "
+                        if loop is not None
+                        else ""
+                    )
                     lines.append(f"    {loop_text}{_load_text(load)}")
                 if x["unacked"] or x["errors"]:
                     lines.append(f"    unacked {x['unacked']}; errors: {'; '.join(x['errors'][:3]) or 'none'}")
@@ -667,9 +846,10 @@ def render(summary: dict[str, Any]) -> str:
                 )
     if summary.get("targets"):
         lines += ["", "targets:"]
+        width = max(62, *(len(t["target"]) for t in summary["targets"]))
         for t in summary["targets"]:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-            lines.append(f"  {t['target']:<62} {_f(t['value']):>10}  (goal {t['goal']}): {verdict}")
+            lines.append(f"  {t['target']:<{width}} {_f(t['value']):>10}  (goal {t['goal']}): {verdict}")
     return "\n".join(lines)
 
 
@@ -697,7 +877,7 @@ def _problems(result: dict[str, Any]) -> list[str]:
     return out
 
 
-async def _main(args: argparse.Namespace, params: Params, summary: dict[str, Any]) -> bool:
+async def _main(args: argparse.Namespace, params: Params, choice: BackendChoice, summary: dict[str, Any]) -> bool:
     chosen = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     ok = True
     with tempfile.TemporaryDirectory(prefix="pb-bench-logs-") as logs:
@@ -706,9 +886,13 @@ async def _main(args: argparse.Namespace, params: Params, summary: dict[str, Any
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             try:
-                async with scenario_env(args, params, workers, Path(logs)) as env:
+                async with scenario_env(args, params, choice, workers, Path(logs), name) as env:
                     result = await RUNNERS[name](env, params)
                     result["daemon_pid"] = env.pid
+                    if len(env.pids) > 1:
+                        result["daemon_pids"] = env.pids
+                    if env.database:
+                        result["database"] = env.database
             except (BenchError, RuntimeError, OSError) as exc:  # RuntimeError: the daemon would not start
                 result = {"error": str(exc), "duplicates": None, "losses": None}
                 print(f"[bench] {name} failed: {exc}", file=sys.stderr, flush=True)
@@ -722,9 +906,40 @@ async def _main(args: argparse.Namespace, params: Params, summary: dict[str, Any
     return ok
 
 
+def _server_of(dsn: str) -> str:
+    try:
+        import psycopg.conninfo
+
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001  (only a label)
+        return "?"
+    return f"{info.get('hostaddr') or info.get('host') or 'local socket'}:{info.get('port') or 5432}"
+
+
+def backend_choice(args: argparse.Namespace) -> BackendChoice:
+    """--backend, --bus, --dsn, --redis-url and --instances, checked (BenchError says what is wrong)."""
+    choice = BackendChoice(
+        storage=getattr(args, "backend", None) or "sqlite",
+        bus=getattr(args, "bus", None) or "memory",
+        admin_dsn=getattr(args, "dsn", None) or DEFAULT_DSN,
+        redis_url=getattr(args, "redis_url", None) or DEFAULT_REDIS_URL,
+        instances=getattr(args, "instances", None) or 1,
+    )
+    problems = choice.problems()
+    if args.url:
+        if choice.instances > 1:
+            problems.append("--instances applies to the daemons the benchmark starts, not to --url")
+        if getattr(args, "dsn", None) or getattr(args, "redis_url", None):
+            problems.append("--dsn and --redis-url apply to the daemons the benchmark starts, not to --url")
+    if problems:
+        raise BenchError("; ".join(problems))
+    return choice
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         params = Params.from_args(args)
+        choice = backend_choice(args)
         if args.url:
             _check_loopback(args.url)
     except BenchError as exc:
@@ -747,26 +962,59 @@ def main(args: argparse.Namespace) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine_info(), "busy_cores_before_start": background and background["busy"]},
         "command": " ".join(["pocketbridge", *sys.argv[1:]]) if sys.argv else None,
-        "target": args.url or "daemon subprocess per scenario (python -m pocketbridge serve, fresh temp data dir)",
+        "target": args.url
+        or (
+            "daemon subprocess per scenario (python -m pocketbridge serve, fresh temp data dir)"
+            if choice.instances == 1
+            else f"{choice.instances} daemon subprocesses per scenario (python -m pocketbridge serve)"
+        ),
+        "backend": choice.storage,
+        "bus": choice.bus,
+        "instances": choice.instances,
+        **({"backend_note": "declared with --backend/--bus for the --url server, not checked"} if args.url else {}),
+        **(
+            {
+                "database": {
+                    "server": _server_of(choice.admin_dsn),
+                    "name": f"pocketbridge_bench_{os.getpid()}_<scenario>",
+                    "lifecycle": "per scenario: CREATE DATABASE, pocketbridge migrate, DROP DATABASE ... WITH (FORCE)",
+                },
+            }
+            if choice.storage == "postgres" and not args.url
+            else {}
+        ),
+        **({"redis_url": choice.redis_url} if choice.bus == "redis" and not args.url else {}),
         "params": {**attrs.asdict(params), "quick": bool(args.quick)},
         "rlimit_nofile": nofile[0],
         "scenarios": {},
     }
     if not args.url:
-        probe = DaemonProcess(config_file=args.config, devices=params.devices, log_level=args.daemon_log_level)
+        shape: dict[tuple[str, str], Any] = {("storage", "backend"): choice.storage, ("bus", "backend"): choice.bus}
+        if choice.storage == "postgres":
+            shape[("storage", "dsn")] = "(the benchmark's own database)"
+        if choice.bus == "redis":
+            shape[("bus", "url")] = choice.redis_url
+        probe = DaemonProcess(
+            config_file=args.config, devices=params.devices, log_level=args.daemon_log_level, shared=shape
+        )
         try:
             summary["daemon"] = {
                 **describe_config(probe.config),
                 "env_overrides": {
                     k: v
                     for k, v in probe.overrides.items()
-                    if "DATA_DIR" not in k and "_FILE" not in k and "PATH" not in k and "LISTEN" not in k
+                    if "DATA_DIR" not in k
+                    and "_FILE" not in k
+                    and "PATH" not in k
+                    and "LISTEN" not in k
+                    and "DSN" not in k
+                    and "INSTANCE_ID" not in k
                 },
             }
         finally:
             probe.stop()
     try:
-        ok = trio.run(_main, args, params, summary)
+        ok = trio.run(_main, args, params, choice, summary)
     except KeyboardInterrupt:
         print("pocketbridge bench: interrupted", file=sys.stderr)
         return 130

@@ -92,6 +92,31 @@ def busy_cores(before: tuple[int, int, int] | None, after: tuple[int, int, int] 
     return {"busy": round((total - idle) / total * cores, 2), "softirq": round(softirq / total * cores, 2)}
 
 
+def cpu_by_command(names: tuple[str, ...]) -> dict[str, float] | None:
+    """CPU seconds (user + system) of all live processes whose command name is in ``names`` (e.g. the PostgreSQL
+    server and its backends, redis-server), summed per name. Processes that exited in between are not counted."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    out = dict.fromkeys(names, 0.0)
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        text = _read(f"/proc/{entry}/stat")
+        if not text:
+            continue
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        if comm not in out:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        try:
+            out[comm] += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
 def main_thread_cpu_seconds(pid: int) -> float | None:
     """CPU time of ``pid``'s main thread alone (the trio event loop of the daemon)."""
     text = _read(f"/proc/{pid}/task/{pid}/stat")

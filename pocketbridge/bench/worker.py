@@ -85,10 +85,11 @@ class UserPhase:
 class Phase:
     """A relay phase of this worker: counters and latency samples shared by all its users."""
 
-    def __init__(self, phase_id: int) -> None:
+    def __init__(self, phase_id: int, instances: int = 1) -> None:
         self.id = phase_id
         self.lat_ack: list[float] = []
         self.lat_recv: list[float] = []
+        self.lat_recv_by_instance: list[list[float]] = [[] for _ in range(instances)]  # by the receiver's instance
         self.lat_all: list[float] = []
         self.duplicates = 0
         self.stray = 0
@@ -100,12 +101,18 @@ class Phase:
 
 
 class UserRig:
-    """One user: a sender device and D-1 receivers (same identity key, distinct device ids)."""
+    """One user: a sender device and D-1 receivers (same identity key, distinct device ids).
+
+    With several daemon URLs (instances sharing the database and bus), the sender connects to the first and
+    receiver ``i`` to URL ``(index + i) % N``: a user's receivers alternate over the instances (so that relay
+    crosses instances), starting on a different one for consecutive users.
+    """
 
     def __init__(self, index: int, devices: int) -> None:
         self.index = index  # global user index (all workers)
         self.key = DeviceKey.generate()
         self.devices = devices
+        self.receiver_instance: list[int] = []
         self.sender: Client | None = None
         self.receivers: list[Client] = []
         self.counter = 0
@@ -115,18 +122,22 @@ class UserRig:
         self.error: str | None = None
         self.receiver_errors: list[str] = []
 
-    async def run(self, url: str, stop: trio.Event) -> None:
+    async def run(self, urls: list[str], stop: trio.Event) -> None:
         try:
             with trio.CancelScope(deadline=trio.current_time() + OPEN_TIMEOUT) as scope:
                 async with AsyncExitStack() as stack:
-                    for _ in range(self.devices - 1):
+                    for i in range(self.devices - 1):
+                        instance = (self.index + i) % len(urls)
                         self.receivers.append(
                             await stack.enter_async_context(
-                                connect(url, self.key, new_device_id(), ack_event_ids=False, device_type="web")
+                                connect(
+                                    urls[instance], self.key, new_device_id(), ack_event_ids=False, device_type="web"
+                                )
                             )
                         )
+                        self.receiver_instance.append(instance)
                     self.sender = await stack.enter_async_context(
-                        connect(url, self.key, new_device_id(), ack_event_ids=False, device_type="web")
+                        connect(urls[0], self.key, new_device_id(), ack_event_ids=False, device_type="web")
                     )
                     scope.deadline = math.inf
                     self.ready.set()
@@ -160,6 +171,7 @@ class UserRig:
                 seen.add(counter)
                 ph.deliveries += 1
                 ph.lat_recv.append(ms(now - t_ns))
+                ph.lat_recv_by_instance[self.receiver_instance[i]].append(ms(now - t_ns))
                 left = up.remaining.get(counter)
                 if left is not None:
                     if left <= 1:
@@ -248,11 +260,14 @@ class Worker:
         self.idle_opened = 0
         self.idle_failed: list[str] = []
         self.payload_bytes = 256
+        self.instances = 1
 
     # -- relay ----------------------------------------------------------------------------------------
     async def relay_setup(self, cmd: dict[str, Any]) -> dict[str, Any]:
         assert self.nursery is not None
-        url, users, offset, devices = cmd["url"], cmd["users"], cmd["user_offset"], cmd["devices"]
+        urls: list[str] = list(cmd.get("urls") or [cmd["url"]])
+        users, offset, devices = cmd["users"], cmd["user_offset"], cmd["devices"]
+        self.instances = len(urls)
         self.payload_bytes = int(cmd.get("payload_bytes", 256))
         self.rigs = [UserRig(offset + i, devices) for i in range(users)]
         self.relay_stop = trio.Event()
@@ -263,7 +278,7 @@ class Worker:
             try:
                 async with trio.open_nursery() as nursery:
                     for rig in self.rigs:
-                        nursery.start_soon(rig.run, url, self.relay_stop)
+                        nursery.start_soon(rig.run, urls, self.relay_stop)
             finally:
                 self.relay_done.set()
 
@@ -279,7 +294,7 @@ class Worker:
         return {"connections": users * devices, "setup_s": round(time.perf_counter() - t0, 3)}
 
     async def relay_phase(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        phase = Phase(int(cmd["phase"]))
+        phase = Phase(int(cmd["phase"]), self.instances)
         duration, drain = float(cmd["duration"]), float(cmd["drain"])
         for rig in self.rigs:
             rig.up = UserPhase(len(rig.receivers))
@@ -346,6 +361,7 @@ class Worker:
             "receivers": sum(len(r.receivers) for r in self.rigs),
             "lat_ack_ms": phase.lat_ack,
             "lat_recv_ms": phase.lat_recv,
+            "lat_recv_ms_by_instance": phase.lat_recv_by_instance,
             "lat_all_ms": phase.lat_all,
             "cpu": cpu,
             "errors": errors[:20],
@@ -470,6 +486,7 @@ class Worker:
     # -- replay ----------------------------------------------------------------------------------------
     async def replay(self, cmd: dict[str, Any]) -> dict[str, Any]:
         url, events, window = cmd["url"], int(cmd["events"]), int(cmd["window"])
+        replay_url = cmd.get("replay_url") or url  # another instance: replay through the shared store
         timeout = float(cmd.get("timeout", 120))
         rig = UserRig(0, 1)
         rig.phase, rig.up = Phase(1), UserPhase(0)
@@ -490,7 +507,7 @@ class Worker:
             )
             pid = cmd.get("daemon_pid")
             for page_size in cmd["page_sizes"]:
-                async with connect(url, rig.key, new_device_id(), ack_event_ids=False) as device:
+                async with connect(replay_url, rig.key, new_device_id(), ack_event_ids=False) as device:
                     cpu0 = own_cpu()
                     daemon0 = cpu_seconds(pid) if pid else None
                     t0 = time.perf_counter()

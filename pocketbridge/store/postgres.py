@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -51,6 +52,7 @@ from .writer import BatchedWrites, BatchWriter, Breaker, Op
 log = logging.getLogger("pocketbridge.store")
 
 SCHEMA_VERSION = 1
+BATCH_LINGER = 0.002  # seconds a busy writer waits to fill a batch (each batch costs round trips + a WAL flush)
 POOL_WAIT = 3.0  # seconds to wait for a pooled connection before the call counts as a failure
 MIGRATION_LOCK = 0x706F636B  # advisory lock key held while migrating
 T = TypeVar("T")
@@ -64,6 +66,10 @@ _DEVICE_COLUMNS = (
     "last_ack_device_seq, delivery_cursor, pb_ms(revoked_at)"
 )
 _OUTCOMES = {o.value: o for o in Outcome}
+PIPELINED = frozenset({"event", "coalesced"})
+APPEND_EVENT = (
+    "SELECT outcome, server_seq, stream_seq FROM pb_append_event(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
 
 
 class SchemaError(StoreUnavailable):
@@ -119,7 +125,8 @@ class PostgresStore(BatchedWrites):
         )
         self.breaker = Breaker()
         self._writer = BatchWriter(
-            self._apply_batch, batch_size=st.batch_size, op_timeout=st.op_timeout, clock=clock, breaker=self.breaker
+            self._apply_batch, batch_size=st.batch_size, op_timeout=st.op_timeout, clock=clock, breaker=self.breaker,
+            linger=BATCH_LINGER,
         )
         self.instance_id = instance_id
 
@@ -208,58 +215,45 @@ class PostgresStore(BatchedWrites):
 
     # --- writes ----------------------------------------------------------------------------------
     def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
-        stored: list[StoredEvent] = []
+        """One transaction. Events (and the coalesced updates, which read nothing back) are
+        pipelined: BEGIN, every event's ``pb_append_event`` call and COMMIT go to the server together,
+        one round trip for the usual batch. Other operations read results as they go (row counts,
+        lookups), so a batch holding them runs unpipelined, each in a savepoint. Event outcomes are
+        read once the batch has committed."""
+        appended: list[tuple[Op, Any]] = []
+        pipelined = all(op.kind in PIPELINED for op in ops)
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                i = 0
-                while i < len(ops):
-                    j = i
-                    while j < len(ops) and ops[j].kind == "event":
-                        j += 1
-                    if j > i:
-                        stored.extend(self._append_events(conn, ops[i:j], now_ms))
-                        i = j
+            with self._pool.connection() as conn, conn.pipeline() if pipelined else nullcontext(), conn.transaction():
+                for op in ops:
+                    if op.kind == "event":
+                        ev: NewEvent = op.args[0]
+                        params = (ev.user_id, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, ev.type,
+                                  ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms)
+                        appended.append((op, conn.execute(APPEND_EVENT, params, prepare=True)))
                         continue
-                    op = ops[i]
                     try:
                         with conn.transaction():
                             op.result = getattr(self, f"_w_{op.kind}")(conn, now_ms, *op.args)
                     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
                         log.error("store operation %s failed: %s", op.kind, type(exc).__name__)
                         op.error = StoreUnavailable(f"store operation {op.kind} failed")
-                    i += 1
+            return [event for op, cur in appended if (event := self._event_result(op, cur, now_ms)) is not None]
         except (psycopg.Error, PoolTimeout) as exc:
             state = getattr(exc, "sqlstate", None) or "-"
             raise StoreUnavailable(f"commit failed: {type(exc).__name__} (sqlstate {state})") from exc
-        return stored
 
-    def _append_events(self, conn: psycopg.Connection[Any], ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
-        cursors = []
-        with conn.pipeline():
-            for op in ops:
-                ev: NewEvent = op.args[0]
-                cursors.append(
-                    conn.execute(
-                        "SELECT outcome, server_seq, stream_seq FROM pb_append_event"
-                        "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (ev.user_id, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, ev.type,
-                         ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms),
-                        prepare=True,
-                    )
-                )
-        stored = []
-        for op, cur in zip(ops, cursors):
-            outcome, server_seq, stream_seq = cur.fetchone()  # type: ignore[misc]
-            ev = op.args[0]
-            event = None
-            if outcome == "stored":
-                event = StoredEvent(
-                    ev.user_id, server_seq, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, stream_seq,
-                    ev.type, ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms,
-                )
-                stored.append(event)
-            op.result = EventResult(_OUTCOMES[outcome], event)
-        return stored
+    @staticmethod
+    def _event_result(op: Op, cur: Any, now_ms: int) -> StoredEvent | None:
+        outcome, server_seq, stream_seq = cur.fetchone()
+        ev: NewEvent = op.args[0]
+        event = None
+        if outcome == "stored":
+            event = StoredEvent(
+                ev.user_id, server_seq, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, stream_seq,
+                ev.type, ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms,
+            )
+        op.result = EventResult(_OUTCOMES[outcome], event)
+        return event
 
     async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
         def q(c: psycopg.Connection[Any]) -> list[AuditRecord]:

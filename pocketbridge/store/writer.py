@@ -99,8 +99,10 @@ class BatchWriter:
         clock: Clock,
         breaker: Breaker,
         commit: Callable[[], None] | None = None,
+        linger: float = 0.0,
     ) -> None:
         self._apply_batch = apply_batch
+        self._linger = linger
         self._commit_fn = commit
         self._breaker = breaker
         self._batch_size = batch_size
@@ -159,10 +161,15 @@ class BatchWriter:
 
     async def run(self, on_commit: CommitHook) -> None:
         try:
+            previous = 0
             while True:
                 batch: list[Op] = []
                 with trio.move_on_after(FLUSH_INTERVAL):
                     batch.append(await self._receive.receive())
+                if previous > 1 and self._linger:
+                    # Under concurrent load the writers of the last batch are about to submit again
+                    # (their acks just went out): a moment's wait makes the next batch big, not tiny.
+                    await trio.sleep(self._linger)
                 while len(batch) < self._batch_size:
                     try:
                         batch.append(self._receive.receive_nowait())
@@ -174,6 +181,7 @@ class BatchWriter:
                     batch.insert(0, coalesced)
                 if batch:
                     await self._commit(batch, on_commit)
+                previous = len(batch)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(self._op_timeout):
                 coalesced = self._take_coalesced(force=True)
