@@ -222,6 +222,8 @@ class PostgresStore(BatchedWrites):
         read once the batch has committed."""
         appended: list[tuple[Op, Any]] = []
         pipelined = all(op.kind in PIPELINED for op in ops)
+        if pipelined:  # users' row locks in a fixed order (a stable sort keeps each user's own order)
+            ops = sorted(ops, key=lambda op: "" if op.kind != "event" else op.args[0].user_id)
         try:
             with self._pool.connection() as conn, conn.pipeline() if pipelined else nullcontext(), conn.transaction():
                 for op in ops:
@@ -352,14 +354,23 @@ class PostgresStore(BatchedWrites):
                 "INSERT INTO audit_log (at, action, actor, target, peer, detail) VALUES (pb_ts(%s), %s, %s, %s, %s, %s)",
                 audit,
             )
+            # rows in a fixed order, and activity stamps only where no other instance holds the row:
+            # two instances' batches never wait on each other in a cycle
             cur.executemany(
                 "UPDATE devices SET delivery_cursor = greatest(delivery_cursor, %s) WHERE device_id = %s AND user_id = %s",
-                [(cursor, device_id, user_id) for device_id, (user_id, cursor) in cursors.items()],
+                [(cursor, device_id, user_id) for device_id, (user_id, cursor) in sorted(cursors.items())],
             )
             if seen:
-                cur.execute("UPDATE devices SET last_seen = pb_ts(%s) WHERE device_id = ANY(%s)", (now_ms, list(seen)))
-                cur.execute("UPDATE users SET last_activity = pb_ts(%s) WHERE user_id = ANY(%s)",
-                            (now_ms, list(set(seen.values()))))
+                cur.execute(
+                    "UPDATE devices SET last_seen = pb_ts(%s) WHERE device_id IN (SELECT device_id FROM devices"
+                    " WHERE device_id = ANY(%s) ORDER BY device_id FOR UPDATE SKIP LOCKED)",
+                    (now_ms, sorted(seen)),
+                )
+                cur.execute(
+                    "UPDATE users SET last_activity = pb_ts(%s) WHERE user_id IN (SELECT user_id FROM users"
+                    " WHERE user_id = ANY(%s) ORDER BY user_id FOR UPDATE SKIP LOCKED)",
+                    (now_ms, sorted(set(seen.values()))),
+                )
 
     def _w_pairing_code(
         self, c: psycopg.Connection[Any], now_ms: int, user_id: str, device_id: str, ttl_ms: int, max_devices: int
