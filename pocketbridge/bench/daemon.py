@@ -7,6 +7,7 @@ afterwards), the Redis URL and one identity key file (``pocketbridge keygen``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -203,6 +204,26 @@ class SharedBackend:
         except (redis.RedisError, OSError) as exc:
             raise RuntimeError(f"Redis is not reachable at --redis-url: {type(exc).__name__}: {exc}") from None
 
+    def pg_stats(self) -> dict[str, float] | None:
+        """This database's counters from pg_stat_database (commits, rollbacks, deadlocks, rows), or None."""
+        if not self._created:
+            return None
+        import psycopg
+
+        try:
+            with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=3) as admin:
+                row = admin.execute(
+                    "SELECT xact_commit, xact_rollback, deadlocks, tup_inserted, tup_updated"
+                    " FROM pg_stat_database WHERE datname = %s",
+                    (self.dbname,),
+                ).fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        keys = ("commits", "rollbacks", "deadlocks", "rows_inserted", "rows_updated")
+        return {k: float(v or 0) for k, v in zip(keys, row, strict=True)}
+
     def teardown(self) -> None:
         created, self._created = self._created, False
         try:
@@ -301,6 +322,30 @@ class DaemonProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not accept connections within {timeout:g} s:\n{self.log_tail()}")
             time.sleep(0.05)
+
+    def log_summary(self, samples: int = 5) -> dict[str, Any]:
+        """Warnings and errors the daemon logged so far (JSON lines, or text with the level as a word)."""
+        counts = {"warning": 0, "error": 0}
+        first: list[str] = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return {"warning": None, "error": None, "first": []}
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                level, msg = str(entry.get("level", "")).lower(), str(entry.get("msg", ""))
+            except (ValueError, AttributeError):
+                words = line.lower().split()
+                level = next((w for w in ("critical", "error", "warning") if w in words), "")
+                msg = line
+            if level == "critical":
+                level = "error"
+            if level in counts:
+                counts[level] += 1
+                if len(first) < samples:
+                    first.append(f"{level}: {msg[:200]}")
+        return {**counts, "first": first}
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -225,7 +225,17 @@ class Env:
     workers: list[WorkerProc]
     daemons: list[DaemonProcess]
     choice: BackendChoice
-    database: str | None = None
+    shared: SharedBackend | None = None
+
+    @property
+    def database(self) -> str | None:
+        return self.shared.dbname if self.shared else None
+
+    async def pg_stats(self) -> dict[str, float] | None:
+        """The benchmark database's pg_stat_database counters (PostgreSQL publishes them within about a second)."""
+        if self.shared is None or self.shared.dbname is None:
+            return None
+        return await trio.to_thread.run_sync(self.shared.pg_stats)
 
     @property
     def url(self) -> str:
@@ -286,6 +296,10 @@ def daemon_cpu(s0: Sample, s1: Sample, seconds: float) -> dict[str, Any] | None:
     return out
 
 
+async def _stop_daemon(daemon: DaemonProcess) -> None:
+    await trio.to_thread.run_sync(daemon.stop)
+
+
 @asynccontextmanager
 async def scenario_env(
     args: argparse.Namespace, params: Params, choice: BackendChoice, workers: int, log_dir: Path, tag: str
@@ -319,13 +333,15 @@ async def scenario_env(
         procs = [WorkerProc(i, log_dir) for i in range(workers)]
         for w in procs:
             await w.start()
-        yield Env(urls, pids, procs, daemons, choice, shared.dbname if shared else None)
+        yield Env(urls, pids, procs, daemons, choice, shared)
     finally:
         with trio.CancelScope(shield=True):
-            for w in procs:
-                await w.stop()
-            for d in daemons:
-                await trio.to_thread.run_sync(d.stop)
+            async with trio.open_nursery() as nursery:  # each stop is bounded; all at once
+                for w in procs:
+                    nursery.start_soon(w.stop)
+            async with trio.open_nursery() as nursery:
+                for d in daemons:
+                    nursery.start_soon(_stop_daemon, d)
             if shared is not None:
                 await trio.to_thread.run_sync(shared.teardown)
 
@@ -381,10 +397,16 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
             cmd.update(window=p.window, max_events=int(p.duration * 100_000))
         else:
             cmd.update(rate_per_user=mode["rate"] / p.users, offset_step_s=1.0 / mode["rate"])
+        pg0 = await env.pg_stats()
         s0 = env.sample()
         replies = await call_all(workers, [cmd] * len(workers), timeout=p.duration + 2 * p.drain + 60)
         s1 = env.sample()
         summary = _relay_summary(mode, replies, len(env.urls), p.duration)
+        if pg0 is not None:
+            await trio.sleep(1.0)  # PostgreSQL flushes its statistics at most once a second
+            pg1 = await env.pg_stats()
+            if pg1 is not None:
+                summary["postgres"] = _pg_delta(pg0, pg1, summary["active_s"])
         daemon = daemon_cpu(s0, s1, summary["active_s"])
         if daemon is not None:
             summary["daemon"] = daemon
@@ -410,6 +432,14 @@ async def run_relay(env: Env, p: Params) -> dict[str, Any]:
         "losses": sum(m["losses"] for m in results),
         "daemon_rss_kb_after": env.rss(),
     }
+
+
+def _pg_delta(pg0: dict[str, float], pg1: dict[str, float], active: float) -> dict[str, Any]:
+    """What PostgreSQL counted for the benchmark database over a step (commits ~ write batches + reads)."""
+    d: dict[str, Any] = {k: int(pg1[k] - pg0[k]) for k in pg0}
+    if active > 0:
+        d["commits_per_s"] = round(d["commits"] / active, 1)
+    return d
 
 
 def _machine_load(s0: Sample, s1: Sample, replies: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -660,6 +690,8 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             met = value < target if strict else value <= target
         op = (">" if higher_is_better else "<") + ("" if strict else "=")
+        if op == "<=" and target == 0:  # a count that must be zero
+            op = "="
         rows.append({"target": name, "value": value, "goal": f"{op} {target:g}", "met": met})
 
     relay = sc.get("relay") or {}
@@ -692,6 +724,11 @@ def evaluate_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 pg["instances_duplicates_losses"],
                 False,
             )
+            unacked = sum(m["unacked"] for m in relay.get("modes", []))
+            errors = sum(len(m["errors"]) for m in relay.get("modes", []))
+            if unacked or errors:  # a run that broke off proves nothing about losses
+                rows[-1]["met"] = False
+                rows[-1]["note"] = f"run incomplete: {unacked} events unacked, {errors} errors"
     for m in relay.get("modes", []) if stack == ("sqlite", "memory") else []:
         if m["mode"] == "closed":
             add(
@@ -785,6 +822,13 @@ def render(summary: dict[str, Any]) -> str:
                             f"#{i['instance']} {_lat(i)}" for i in x.get("delivery_latency_ms_by_receiver_instance", [])
                         )
                     )
+                pg = x.get("postgres")
+                if pg:
+                    lines.append(
+                        f"    PostgreSQL (benchmark database): {_f(pg.get('commits_per_s'))} commits/s, "
+                        f"{pg['rows_inserted']:,} rows inserted, {pg['rows_updated']:,} updated, "
+                        f"{pg['rollbacks']} rollbacks, {pg['deadlocks']} deadlocks"
+                    )
                 if load:
                     loop = (x.get("daemon") or {}).get("main_thread_cpu_pct")
                     loop_text = (
@@ -844,12 +888,24 @@ def render(summary: dict[str, Any]) -> str:
                     f"{x['seconds']:.3f} s = {_f(x['events_per_s'])} events/s; dup {x['duplicates']}, "
                     f"loss {x['losses']}; {cpu}"
                 )
+    noisy = [
+        (name, x)
+        for name, result in sc.items()
+        for x in result.get("daemon_log") or []
+        if (x.get("warning") or 0) + (x.get("error") or 0)
+    ]
+    if noisy:
+        lines += ["", "daemon logs (warnings and errors while measuring):"]
+        for name, x in noisy:
+            lines.append(f"  {name}, instance {x['instance']}: {x['warning']} warnings, {x['error']} errors")
+            lines += [f"    {entry}" for entry in x["first"][:3]]
     if summary.get("targets"):
         lines += ["", "targets:"]
         width = max(62, *(len(t["target"]) for t in summary["targets"]))
         for t in summary["targets"]:
             verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
-            lines.append(f"  {t['target']:<{width}} {_f(t['value']):>10}  (goal {t['goal']}): {verdict}")
+            note = f" ({t['note']})" if t.get("note") else ""
+            lines.append(f"  {t['target']:<{width}} {_f(t['value']):>10}  (goal {t['goal']}): {verdict}{note}")
     return "\n".join(lines)
 
 
@@ -889,6 +945,9 @@ async def _main(args: argparse.Namespace, params: Params, choice: BackendChoice,
                 async with scenario_env(args, params, choice, workers, Path(logs), name) as env:
                     result = await RUNNERS[name](env, params)
                     result["daemon_pid"] = env.pid
+                    logs_seen = [{"instance": d.instance, **d.log_summary()} for d in env.daemons]
+                    if logs_seen:
+                        result["daemon_log"] = logs_seen
                     if len(env.pids) > 1:
                         result["daemon_pids"] = env.pids
                     if env.database:

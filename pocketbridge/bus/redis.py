@@ -55,6 +55,7 @@ class RedisBus:
     def __init__(self, url: str, instance_id: str) -> None:
         self._url = url
         self._origin = instance_id
+        self._own_prefix = json.dumps({"o": instance_id})[:-1].replace(" ", "").encode() + b","
         self._sink: Sink | None = None
         self._subscribed: set[str] = set()
         self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, bytes]](PUBLISH_QUEUE)
@@ -138,6 +139,8 @@ class RedisBus:
         async for batch in batches:
             sink = self._sink
             for data in batch:
+                if data.startswith(self._own_prefix):
+                    continue  # published here; delivered locally already
                 try:
                     origin, message = decode_message(data)
                 except (ValueError, KeyError, TypeError):

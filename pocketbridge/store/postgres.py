@@ -215,6 +215,17 @@ class PostgresStore(BatchedWrites):
 
     # --- writes ----------------------------------------------------------------------------------
     def _apply_batch(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
+        """The batch as one transaction, tried again once if PostgreSQL picked it as a deadlock
+        victim (it was rolled back whole, so repeating it is safe)."""
+        try:
+            return self._apply_batch_once(ops, now_ms)
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected):
+                raise
+            log.warning("store batch was a deadlock victim; retrying it once")
+            return self._apply_batch_once(ops, now_ms)
+
+    def _apply_batch_once(self, ops: Sequence[Op], now_ms: int) -> list[StoredEvent]:
         """One transaction. Events (and the coalesced updates, which read nothing back) are
         pipelined: BEGIN, every event's ``pb_append_event`` call and COMMIT go to the server together,
         one round trip for the usual batch. Other operations read results as they go (row counts,
