@@ -56,7 +56,7 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-GIL_SWITCH_INTERVAL = 0.0001  # seconds
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
 
 # Sections that can change at run time (SIGHUP); the others need a restart.
 RELOADABLE = ("ws", "session", "events", "limits", "replay", "pairing", "retention", "http", "admin", "log")
