@@ -48,6 +48,25 @@ BusMessage = Union[EventNotice, Control]
 Sink = Callable[[BusMessage], None]
 
 
+class LocalDelivery:
+    """What every bus does on its own instance: keep the users subscribed here and hand their
+    messages to the hub's sink."""
+
+    def __init__(self) -> None:
+        self._sink: Sink | None = None
+        self._subscribed: set[str] = set()
+
+    async def subscribe(self, user_id: str) -> None:
+        self._subscribed.add(user_id)
+
+    async def unsubscribe(self, user_id: str) -> None:
+        self._subscribed.discard(user_id)
+
+    def deliver(self, message: BusMessage) -> None:
+        if self._sink is not None and message.user_id in self._subscribed:
+            self._sink(message)
+
+
 class Bus(Protocol):
     connected: bool  # the fan-out between instances works (always True for the in-process bus)
     spans_instances: bool  # messages reach other instances (False for the in-process bus)

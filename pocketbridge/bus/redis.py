@@ -19,7 +19,7 @@ import redis
 import trio
 
 from ..errors import BusUnavailable
-from . import BusMessage, Control, EventNotice, Sink
+from . import BusMessage, Control, EventNotice, LocalDelivery, Sink
 
 log = logging.getLogger("pocketbridge.bus")
 
@@ -50,14 +50,13 @@ def decode_message(data: bytes) -> tuple[str, BusMessage]:
     return b["o"], Control(b["k"], b["u"], b["d"], b["c"], b["x"])
 
 
-class RedisBus:
+class RedisBus(LocalDelivery):
     spans_instances = True
     def __init__(self, url: str, instance_id: str) -> None:
         self._url = url
         self._origin = instance_id
         self._own_prefix = json.dumps({"o": instance_id})[:-1].replace(" ", "").encode() + b","
-        self._sink: Sink | None = None
-        self._subscribed: set[str] = set()
+        super().__init__()
         self._out_send, self._out_receive = trio.open_memory_channel[tuple[str, bytes]](PUBLISH_QUEUE)
         self._client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._publish_limiter = trio.CapacityLimiter(1)
@@ -137,7 +136,6 @@ class RedisBus:
 
     async def _dispatcher(self, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:
         async for batch in batches:
-            sink = self._sink
             for data in batch:
                 if data.startswith(self._own_prefix):
                     continue  # published here; delivered locally already
@@ -146,8 +144,8 @@ class RedisBus:
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignored a malformed bus message")
                     continue
-                if origin != self._origin and sink is not None and message.user_id in self._subscribed:
-                    sink(message)
+                if origin != self._origin:
+                    self.deliver(message)
 
     async def _publisher(self) -> None:
         while True:
@@ -169,17 +167,9 @@ class RedisBus:
             pipe.publish(channel, data)
         pipe.execute()
 
-    async def subscribe(self, user_id: str) -> None:
-        self._subscribed.add(user_id)
-
-    async def unsubscribe(self, user_id: str) -> None:
-        self._subscribed.discard(user_id)
-
     async def publish(self, messages: Sequence[BusMessage]) -> None:
-        sink = self._sink
         for message in messages:
-            if sink is not None and message.user_id in self._subscribed:
-                sink(message)
+            self.deliver(message)
             try:
                 self._out_send.send_nowait(encode_message(self._origin, message))
             except trio.WouldBlock:
