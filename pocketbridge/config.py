@@ -225,6 +225,7 @@ class StorageConfig:
     statement_timeout: float = _secs(5.0)
     op_timeout: float = _secs(10.0)
     batch_size: int = _int(256)
+    batch_linger: float = _secs(0.002, minimum=0)
     sqlite_synchronous: str = _choice("full", "full", "normal")
 
 

@@ -28,6 +28,7 @@ def make_config(data_dir: Path, **sections: dict[str, Any]) -> Config:
         server={"data_dir": str(data_dir)},
         listen={"ws": "127.0.0.1:0", "http": "127.0.0.1:0"},
         drain={"window": 0.2, "deadline": 10},
+        storage={"batch_linger": 0},  # tests on trio's MockClock must not wait on timers
     )
     return with_overrides(base, **sections) if sections else base
 

@@ -52,7 +52,6 @@ from .writer import BatchedWrites, BatchWriter, Breaker, Op
 log = logging.getLogger("pocketbridge.store")
 
 SCHEMA_VERSION = 1
-BATCH_LINGER = 0.002  # seconds a busy writer waits to fill a batch (each batch costs round trips + a WAL flush)
 POOL_WAIT = 3.0  # seconds to wait for a pooled connection before the call counts as a failure
 MIGRATION_LOCK = 0x706F636B  # advisory lock key held while migrating
 T = TypeVar("T")
@@ -126,7 +125,7 @@ class PostgresStore(BatchedWrites):
         self.breaker = Breaker()
         self._writer = BatchWriter(
             self._apply_batch, batch_size=st.batch_size, op_timeout=st.op_timeout, clock=clock, breaker=self.breaker,
-            linger=BATCH_LINGER,
+            linger=st.batch_linger,
         )
         self.instance_id = instance_id
 
