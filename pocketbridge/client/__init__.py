@@ -168,8 +168,11 @@ class _Pending:
 class Client:
     """An established session. Create with :func:`connect`."""
 
-    def __init__(self, ws: WebSocketConnection, key: DeviceKey, device_id: str, *, ack_event_ids: bool) -> None:
+    def __init__(
+        self, ws: WebSocketConnection, key: DeviceKey, device_id: str, *, ack_event_ids: bool, reply_timeout: float
+    ) -> None:
         self.ws = ws
+        self.reply_timeout = reply_timeout  # bound on waiting for an ack or a reply (trio.TooSlowError)
         self.key = key
         self.device_id = device_id
         self.user_id = key.public_hex
@@ -281,7 +284,8 @@ class Client:
         return seq, eid, pending
 
     async def wait_ack(self, seq: int, pending: _Pending) -> Ack:
-        await self._wait_or_closed(pending.done)
+        with trio.fail_after(self.reply_timeout):
+            await self._wait_or_closed(pending.done)
         self._pending.pop(seq, None)
         assert pending.ack is not None
         return pending.ack
@@ -396,7 +400,8 @@ class Client:
 
     async def _reply(self) -> dict[str, Any]:
         try:
-            return await self._replies.receive()
+            with trio.fail_after(self.reply_timeout):
+                return await self._replies.receive()
         except trio.EndOfChannel:
             raise self._closed_error() from None
 
@@ -456,10 +461,13 @@ async def connect(
     device_type: str | None = None,
     ack_event_ids: bool = True,
     handshake_timeout: float = 15.0,
+    reply_timeout: float = 30.0,
 ) -> AsyncIterator[Client]:
-    """Connect, handshake (verifying the server's signature, and its key against ``pin`` if given)."""
+    """Connect, handshake (verifying the server's signature, and its key against ``pin`` if given).
+
+    Waiting for an ack or a replay/ping reply is bounded by ``reply_timeout`` (trio.TooSlowError)."""
     async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES) as ws:
-        client = Client(ws, key, device_id, ack_event_ids=ack_event_ids)
+        client = Client(ws, key, device_id, ack_event_ids=ack_event_ids, reply_timeout=reply_timeout)
         with trio.fail_after(handshake_timeout):
             await client._handshake(pin=pin, device_name=device_name, device_type=device_type)
         async with trio.open_nursery() as nursery:
