@@ -171,6 +171,10 @@ class SqliteStore(BatchedWrites):
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise StoreUnavailable(f"write failed: {type(exc).__name__}") from exc
+        except BaseException:
+            if c.in_transaction:  # never leave the write lock held
+                c.execute("ROLLBACK")
+            raise
         return stored
 
     def _commit(self) -> None:

@@ -197,7 +197,8 @@ class BatchWriter:
                 if self._commit_fn is not None:
                     # the statements are quick: run them here; only the commit (fsync) goes to a thread
                     stored = self._apply_batch(batch, now_ms)
-                    await trio.to_thread.run_sync(self._commit_fn)
+                    with trio.CancelScope(shield=True):  # an applied batch is always committed or rolled back
+                        await trio.to_thread.run_sync(self._commit_fn)
                 else:
                     stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
             self.observe("write_batch", trio.current_time() - started)

@@ -273,14 +273,23 @@ async def test_purge_removes_expired_and_old_events(config_factory):
         # age one event beyond retention and let the other's ttl pass beyond the skew
         age = "UPDATE events SET created_at = created_at - {two_days} WHERE user_id = '{u}' AND device_seq = 3"
         expire = f"UPDATE events SET ttl = ttl - 3600000 WHERE user_id = '{alice.public_hex}' AND device_seq = 1"
-        if cfg.storage.backend == "sqlite":
-            with sqlite3.connect(cfg.sqlite_path()) as db:
-                db.execute(age.format(two_days=2 * 86_400_000, u=alice.public_hex))
-                db.execute(expire)
-        else:
-            with psycopg.connect(cfg.storage.dsn, autocommit=True) as db:
-                db.execute(age.format(two_days="interval '2 days'", u=alice.public_hex))
-                db.execute(expire)
+        def tamper() -> None:  # in a thread: the daemon shares this event loop and must keep running
+            if cfg.storage.backend == "sqlite":
+                # BEGIN IMMEDIATE: wait for the daemon's writer instead of failing on a stale snapshot
+                db = sqlite3.connect(cfg.sqlite_path(), isolation_level=None, timeout=10)
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute(age.format(two_days=2 * 86_400_000, u=alice.public_hex))
+                    db.execute(expire)
+                    db.execute("COMMIT")
+                finally:
+                    db.close()
+            else:
+                with psycopg.connect(cfg.storage.dsn, autocommit=True) as pg:
+                    pg.execute(age.format(two_days="interval '2 days'", u=alice.public_hex))
+                    pg.execute(expire)
+
+        await trio.to_thread.run_sync(tamper)
         assert await purge_once(daemon.gateway.store, cfg) >= 2  # the PostgreSQL database is shared by the session
         with trio.fail_after(T):
             async with connect(running.ws_url, alice, new_device_id()) as b:
