@@ -108,6 +108,14 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
 
+-- Failed pairing attempts (§7), for the limits every instance must see (per address, deployment-wide).
+CREATE TABLE IF NOT EXISTS pairing_failures (
+    at   timestamptz NOT NULL,
+    peer text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairing_failures_at ON pairing_failures (at);
+CREATE INDEX IF NOT EXISTS pairing_failures_peer ON pairing_failures (peer, at);
+
 -- Millisecond helpers (the wire's unit).
 CREATE OR REPLACE FUNCTION pb_ms(t timestamptz) RETURNS bigint
     LANGUAGE sql IMMUTABLE AS $$ SELECT (extract(epoch FROM t) * 1000)::bigint $$;

@@ -80,8 +80,13 @@ def backend(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
     """Config sections selecting a backend: the embedded default, or PostgreSQL + Redis."""
     if request.param == "sqlite":
         return {}
+    dsn = request.getfixturevalue("postgres_dsn")
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as db:  # every client here is 127.0.0.1: no carried-over
+        db.execute("TRUNCATE pairing_failures")  # pairing failures from earlier tests
     return {
-        "storage": {"backend": "postgres", "dsn": request.getfixturevalue("postgres_dsn")},
+        "storage": {"backend": "postgres", "dsn": dsn},
         "bus": {"backend": "redis", "url": request.getfixturevalue("redis_url")},
     }
 

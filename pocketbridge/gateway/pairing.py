@@ -70,16 +70,27 @@ async def complete_pairing(session: Session, payload: Any) -> None:
         session.conn.send(_failed("Invalid pairing code format"))
         return
     peer = session.conn.peer
-    if session.pairing_failures >= max_per_connection or limits.pairing_failures_per_ip.available(peer) < 1:
+    cfg = gw.config.pairing
+    now = gw.clock.now_ms()
+    try:  # what every instance recorded (the local buckets below also count this instance's last second)
+        everyone, mine = await gw.store.pairing_failures(peer, now - 60_000, now - 3_600_000)
+    except StoreUnavailable:
+        session.conn.send(_failed(STORE_FAILED))
+        return
+    if (
+        session.pairing_failures >= max_per_connection
+        or mine >= cfg.max_failures_per_ip_per_hour
+        or limits.pairing_failures_per_ip.available(peer) < 1
+    ):
         _lock_out(session)
         return
-    if limits.pairing_failures.available(GLOBAL_KEY) < 1:
+    if everyone >= cfg.max_failures_per_minute or limits.pairing_failures.available(GLOBAL_KEY) < 1:
         gw.metrics.rate_limited.labels("pairing_failures_deployment").inc()
         audit(gw, "rate_limited", actor=session.device_id, peer=peer, detail="pairing_failures_deployment")
         session.conn.send(_failed(DEPLOYMENT_LOCKOUT))
         return
     try:
-        result = await gw.store.complete_pairing(code, session.device_id, gw.config.limits.max_devices_per_user)
+        result = await gw.store.complete_pairing(code, session.device_id, gw.config.limits.max_devices_per_user, peer)
     except StoreUnavailable:
         session.conn.send(_failed(STORE_FAILED))
         return

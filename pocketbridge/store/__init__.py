@@ -240,7 +240,12 @@ class Store(Protocol):
         """A fresh unique code for the initiator (replacing its previous one) and its expiry in ms;
         None when the initiator's account is at the device limit."""
 
-    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult: ...
+    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult:
+        """§7 steps 3–6 atomically; a NOT_FOUND outcome is also recorded as a failure of ``peer``."""
+
+    async def pairing_failures(self, peer: str, minute_ago_ms: int, hour_ago_ms: int) -> tuple[int, int]:
+        """Failed pairing attempts recorded by every instance: (deployment-wide since ``minute_ago_ms``,
+        from ``peer`` since ``hour_ago_ms``)."""
 
     async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
         """Revoke (idempotent); None if unknown or not in ``user_id``. Returns the device as it was."""

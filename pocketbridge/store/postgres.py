@@ -400,6 +400,14 @@ class PostgresStore(BatchedWrites):
                 return code, expires_at
 
     def _w_complete_pairing(
+        self, c: psycopg.Connection[Any], now_ms: int, code: str, device_id: str, max_devices: int, peer: str
+    ) -> PairingResult:
+        result = self._pair(c, now_ms, code, device_id, max_devices)
+        if result.outcome is Pairing.NOT_FOUND:
+            c.execute("INSERT INTO pairing_failures (at, peer) VALUES (pb_ts(%s), %s)", (now_ms, peer))
+        return result
+
+    def _pair(
         self, c: psycopg.Connection[Any], now_ms: int, code: str, device_id: str, max_devices: int
     ) -> PairingResult:
         row = c.execute(
@@ -471,6 +479,7 @@ class PostgresStore(BatchedWrites):
     ) -> int:
         c.execute("DELETE FROM seen_signatures WHERE expires_at < pb_ts(%s)", (now_ms,))
         c.execute("DELETE FROM audit_log WHERE at < pb_ts(%s)", (now_ms - audit_ms,))
+        c.execute("DELETE FROM pairing_failures WHERE at < pb_ts(%s)", (now_ms - 3_600_000,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < pb_ts(%s)", (now_ms,))
         return c.execute(
             "DELETE FROM events WHERE ctid IN (SELECT ctid FROM events WHERE ttl IS NOT NULL AND ttl < %s"
@@ -572,6 +581,17 @@ class PostgresStore(BatchedWrites):
         def q(c: psycopg.Connection[Any]) -> dict[str, int]:
             rows = c.execute("SELECT user_id, server_seq FROM users WHERE user_id = ANY(%s)", (list(user_ids),))
             return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(q)
+
+    async def pairing_failures(self, peer: str, minute_ago_ms: int, hour_ago_ms: int) -> tuple[int, int]:
+        def q(c: psycopg.Connection[Any]) -> tuple[int, int]:
+            row = c.execute(
+                "SELECT count(*) FILTER (WHERE at > pb_ts(%s)), count(*) FILTER (WHERE peer = %s AND at > pb_ts(%s))"
+                " FROM pairing_failures WHERE at > pb_ts(%s)",
+                (minute_ago_ms, peer, hour_ago_ms, min(minute_ago_ms, hour_ago_ms)),
+            ).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
 
         return await self._read(q)
 

@@ -322,8 +322,14 @@ class SqliteStore(BatchedWrites):
                 return code, expires_at
 
     def _w_complete_pairing(
-        self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int
+        self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int, peer: str
     ) -> PairingResult:
+        result = self._pair(c, now_ms, code, device_id, max_devices)
+        if result.outcome is Pairing.NOT_FOUND:
+            c.execute("INSERT INTO pairing_failures (at, peer) VALUES (?, ?)", (now_ms, peer))
+        return result
+
+    def _pair(self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int) -> PairingResult:
         row = c.execute(
             "SELECT p.user_id, p.expires_at, p.used FROM pairing_codes p JOIN devices d ON d.device_id = p.device_id"
             " WHERE p.code = ? AND d.revoked_at IS NULL AND d.user_id = p.user_id",
@@ -390,6 +396,7 @@ class SqliteStore(BatchedWrites):
         cutoff = now_ms - retention_ms
         c.execute("DELETE FROM seen_signatures WHERE expires_at < ?", (now_ms,))
         c.execute("DELETE FROM audit_log WHERE at < ?", (now_ms - audit_ms,))
+        c.execute("DELETE FROM pairing_failures WHERE at < ?", (now_ms - 3_600_000,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (now_ms,))
         return c.execute(
             "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"
@@ -509,6 +516,16 @@ class SqliteStore(BatchedWrites):
 
     async def beat(self, instance_id: str, stale_after_ms: int) -> int:
         return 0  # one process owns the file; it marks everything offline when it starts
+
+    async def pairing_failures(self, peer: str, minute_ago_ms: int, hour_ago_ms: int) -> tuple[int, int]:
+        def q(c: sqlite3.Connection) -> tuple[int, int]:
+            (everyone,) = c.execute("SELECT count(*) FROM pairing_failures WHERE at > ?", (minute_ago_ms,)).fetchone()
+            (mine,) = c.execute(
+                "SELECT count(*) FROM pairing_failures WHERE peer = ? AND at > ?", (peer, hour_ago_ms)
+            ).fetchone()
+            return int(everyone), int(mine)
+
+        return await self._read(q)
 
     async def count_pending(self, user_id: str, device_id: str, after: int, upto: int, now_ms: int) -> int:
         def q(c: sqlite3.Connection) -> int:

@@ -96,3 +96,11 @@ CREATE TABLE IF NOT EXISTS audit_log (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log (at);
+
+-- Failed pairing attempts (§7), for the limits every instance must see (per address, deployment-wide).
+CREATE TABLE IF NOT EXISTS pairing_failures (
+    at   INTEGER NOT NULL,
+    peer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pairing_failures_at ON pairing_failures (at);
+CREATE INDEX IF NOT EXISTS pairing_failures_peer ON pairing_failures (peer, at);

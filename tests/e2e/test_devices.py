@@ -294,3 +294,36 @@ async def test_purge_removes_expired_and_old_events(config_factory):
         with trio.fail_after(T):
             async with connect(running.ws_url, alice, new_device_id()) as b:
                 assert [e.payload for e in (await b.replay()).events] == [b"keeps"]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_pairing_failure_limits_hold_across_instances(tmp_path, postgres_dsn, redis_url):
+    from tests.conftest import make_config
+
+    def config(name: str):
+        return make_config(
+            tmp_path / name,
+            storage={"backend": "postgres", "dsn": postgres_dsn},
+            bus={"backend": "redis", "url": redis_url},
+            pairing={"max_failures_per_minute": 3, "max_failures_per_connection": 100},
+        )
+
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as db:
+        db.execute("TRUNCATE pairing_failures")
+    async with run_daemon(config("one")) as (_, one), run_daemon(config("two")) as (_, two):
+        with trio.fail_after(T):
+            async with connect(one.ws_url, DeviceKey.generate(), new_device_id()) as m1, connect(
+                two.ws_url, DeviceKey.generate(), new_device_id()
+            ) as m2:
+                for client in (m1, m1, m2):
+                    assert (await client.complete_pairing("000000"))["payload"]["error"] == (
+                        "Pairing code not found or expired"
+                    )
+                # three failures in the deployment (two on instance one): instance two stops looking up
+                reply = await m2.complete_pairing("000000")
+                assert reply["payload"]["error"] == "Too many failed pairing attempts. Please try again later."
+                reply = await m1.complete_pairing("000000")
+                assert reply["payload"]["error"] == "Too many failed pairing attempts. Please try again later."
