@@ -35,10 +35,6 @@ class Hub:
         self._devices: dict[str, Member] = {}
         self._subscription_lock = trio.Lock()
 
-    @property
-    def connection_count(self) -> int:
-        return len(self._devices)
-
     def members(self) -> tuple[Member, ...]:
         """Every session here (a snapshot)."""
         return tuple(self._devices.values())

@@ -53,7 +53,6 @@ def decode_message(data: bytes) -> tuple[str, BusMessage]:
 class RedisBus(LocalDelivery):
     spans_instances = True
     def __init__(self, url: str, instance_id: str) -> None:
-        self._url = url
         self._origin = instance_id
         self._own_prefix = json.dumps({"o": instance_id})[:-1].replace(" ", "").encode() + b","
         super().__init__()

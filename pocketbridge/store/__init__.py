@@ -57,9 +57,6 @@ class StoredEvent:
         payload["created_at"] = self.created_at
         return payload
 
-    def expired(self, now_ms: int) -> bool:
-        return self.ttl is not None and self.ttl <= now_ms
-
 
 @attrs.frozen
 class Device:

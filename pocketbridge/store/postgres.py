@@ -109,9 +109,7 @@ def schema_version(conn: psycopg.Connection[Any]) -> int:
 class PostgresStore(BatchedWrites):
     def __init__(self, config: Config, clock: Clock, instance_id: str) -> None:
         st = config.storage
-        self._dsn = st.dsn
         self._op_timeout = st.op_timeout
-        self._instance_id = config.server.instance_id
         self._limiter = trio.CapacityLimiter(st.pool_size)
         self._pool = ConnectionPool(
             st.dsn,
