@@ -227,6 +227,7 @@ class StorageConfig:
     batch_size: int = _int(256)
     batch_linger: float = _secs(0.002, minimum=0)
     sqlite_synchronous: str = _choice("full", "full", "normal")
+    min_free_bytes: int = _int(256 * _MiB, minimum=0)
 
 
 @_section
@@ -249,6 +250,9 @@ class WsConfig:
     send_queue_bytes: int = _int(32 * _MiB)
     max_tracked_deliveries: int = _int(10_000)
     close_timeout: float = _secs(5)
+    upgrade_timeout: float = _secs(10)
+    max_handshake_message_bytes: int = _int(64 * 1024)
+    max_fragments_per_message: int = _int(4096)
 
 
 @_section
@@ -272,6 +276,10 @@ class LimitsConfig:
     event_burst_per_user: int = _int(1000)
     scratchpad_per_connection_per_second: int = _int(20)
     clock_skew: float = _secs(300)
+    max_pending_handshakes: int = _int(1024)
+    ipv6_prefix: int = _key(_Rule("an integer 32-128", lambda v: _is_int(v) and 32 <= v <= 128, parse=int), 64)
+    max_stored_bytes_per_user: int = _int(1024 * _MiB, minimum=0)
+    stored_bytes_per_user_per_minute: int = _int(256 * _MiB, minimum=0)
 
 
 @_section
@@ -297,6 +305,7 @@ class RetentionConfig:
     event_days: int = _int(90)
     audit_days: int = _int(90)
     purge_interval: float = _secs(3600)
+    inactive_user_days: int = _int(0, minimum=0)
 
 
 @_section

@@ -45,7 +45,7 @@ def test_defaults_match_spec() -> None:
         5.0,
         10.0,
     )
-    assert (c.storage.batch_size, c.storage.sqlite_synchronous) == (256, "full")
+    assert (c.storage.batch_size, c.storage.sqlite_synchronous, c.storage.min_free_bytes) == (256, "full", 256 * MiB)
     assert (c.bus.backend, c.bus.url) == ("memory", "redis://127.0.0.1:6379/0")
     assert attrs.asdict(c.ws) == {
         "max_message_bytes": 16 * MiB,
@@ -56,12 +56,15 @@ def test_defaults_match_spec() -> None:
         "send_queue_bytes": 32 * MiB,
         "max_tracked_deliveries": 10_000,
         "close_timeout": 5,
+        "upgrade_timeout": 10,
+        "max_handshake_message_bytes": 64 * 1024,
+        "max_fragments_per_message": 4096,
     }
     assert (c.session.ttl, c.session.warning_before, c.events.max_payload_bytes) == (86_400, 300, 10 * MiB)
-    assert attrs.astuple(c.limits) == (5, 50, 60, 30, 1000, 1000, 20, 300)
+    assert attrs.astuple(c.limits) == (5, 50, 60, 30, 1000, 1000, 20, 300, 1024, 64, 1024 * MiB, 256 * MiB)
     assert attrs.astuple(c.replay) == (100, 1000, 8 * MiB, 10_000, 3600)
     assert attrs.astuple(c.pairing) == (300, 10, 5, 20, 60)
-    assert attrs.astuple(c.retention) == (90, 90, 3600)  # event_days, audit_days, purge_interval
+    assert attrs.astuple(c.retention) == (90, 90, 3600, 0)  # event_days, audit_days, purge_interval, inactive_user_days
     assert attrs.astuple(c.http) == (3600, 65536, (), 60, 30, 120, 10, 30, 3)
     assert attrs.astuple(c.admin) == ("", 60, 10)
     assert (c.log.level, c.log.format, c.drain.window, c.drain.deadline) == ("info", "auto", 10, 30)
