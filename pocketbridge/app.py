@@ -29,7 +29,7 @@ from .gateway.session import event_message
 from .http.server import serve_http
 from .hub import Hub
 from .identity import load_or_create_identity
-from .maintenance import run_catch_up, run_heartbeat, run_purger
+from .maintenance import Wakeup, run_catch_up, run_heartbeat, run_purger
 from .metrics import Metrics
 from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
@@ -164,8 +164,10 @@ class Daemon:
             services.start_soon(run_purger, store, lambda: self.config)
             if self.config.storage.backend != "sqlite":
                 services.start_soon(run_heartbeat, store, self.instance_id)
-            if self.config.bus.backend != "memory":
-                services.start_soon(run_catch_up, hub, store, bus)
+            if self.config.bus.backend != "memory" or self.config.storage.backend != "sqlite":
+                wake = Wakeup()
+                store.on_write_failure(wake.set)
+                services.start_soon(run_catch_up, hub, store, bus, wake)
             # after the store opened: a start that fails earlier never creates a key
             identity, created = await trio.to_thread.run_sync(load_or_create_identity, self.config.identity_key_path())
             gw = self.gateway = Gateway(

@@ -29,6 +29,10 @@ class StoreUnavailable(PocketBridgeError):
     """The store could not be reached or did not answer in time (clients get 1013)."""
 
 
+class StorageFull(StoreUnavailable):
+    """The store's disk is full (SQLITE_FULL / ENOSPC): writes fail until space is freed."""
+
+
 class BusUnavailable(PocketBridgeError):
     """The fan-out bus could not be reached."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any
 
 import attrs
@@ -104,26 +104,61 @@ def parse_networks(entries: Iterable[str]) -> tuple[IPv4Network | IPv6Network, .
     return tuple(ip_network(entry, strict=False) for entry in entries)
 
 
-def _trusted(address: str, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+UNKNOWN_PEER = "unknown"  # the key of a forwarded address that cannot be parsed (never loopback)
+Address = IPv4Address | IPv6Address
+
+
+def parse_address(text: str) -> Address | None:
+    """An address as a socket or an ``X-Forwarded-For`` entry gives it: bare, ``[v6]``, ``v4:port``
+    or ``[v6]:port``; IPv4-mapped IPv6 is IPv4. None if it is none of these."""
+    text = text.strip()
+    host = text
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
     try:
-        ip = ip_address(address.strip().strip("[]"))
+        address = ip_address(host)
     except ValueError:
-        return False
-    return any(ip in net for net in trusted)
+        return None
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def address_key(address: Address, ipv6_prefix: int) -> str:
+    """The key limits use for an address: IPv4 as is, IPv6 by its prefix (loopback kept as ``::1``)."""
+    if isinstance(address, IPv4Address) or address.is_loopback or ipv6_prefix >= 128:
+        return str(address)
+    return str(ip_network(f"{address}/{ipv6_prefix}", strict=False))
+
+
+def _trusted(address: Address, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    return any(address in net for net in trusted)
 
 
 def peer_address(
-    socket_peer: str, forwarded_for: Sequence[str], trusted: Sequence[IPv4Network | IPv6Network]
+    socket_peer: str,
+    forwarded_for: Sequence[str],
+    trusted: Sequence[IPv4Network | IPv6Network],
+    ipv6_prefix: int = 64,
 ) -> str:
     """The address limits are keyed on (§9): the socket's peer, unless that is a trusted proxy;
-    then the rightmost ``X-Forwarded-For`` entry that is not itself a trusted proxy."""
-    if not trusted or not _trusted(socket_peer, trusted):
-        return socket_peer
-    hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
-    for hop in reversed(hops):
-        if not _trusted(hop, trusted):
-            try:
-                return str(ip_address(hop.strip("[]")))
-            except ValueError:
-                return socket_peer  # a garbled header from a trusted proxy: fall back to the proxy
-    return socket_peer
+    then the rightmost ``X-Forwarded-For`` entry that is not itself a trusted proxy (an entry that
+    cannot be parsed is :data:`UNKNOWN_PEER`). IPv6 addresses are keyed by their ``ipv6_prefix``."""
+    peer = parse_address(socket_peer)
+    if peer is None:
+        return socket_peer  # no address to go by (e.g. "unknown")
+    if trusted and _trusted(peer, trusted):
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            address = parse_address(hop)
+            if address is None:
+                return UNKNOWN_PEER
+            if not _trusted(address, trusted):
+                return address_key(address, ipv6_prefix)
+    return address_key(peer, ipv6_prefix)

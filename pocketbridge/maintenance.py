@@ -4,7 +4,8 @@ heartbeat (presence across instances) and the catch-up poll behind the bus."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -29,7 +30,7 @@ async def purge_once(store: Store, config: Config) -> int:
     while True:
         n = await store.purge(retention_ms, grace_ms, PURGE_BATCH, audit_ms)
         total += n
-        if n < PURGE_BATCH:
+        if n == 0:
             return total
         await trio.sleep(0)  # let live traffic through between batches
 
@@ -65,17 +66,44 @@ async def run_heartbeat(store: Store, instance_id: str) -> None:
         await trio.sleep(HEARTBEAT_SECONDS)
 
 
-async def run_catch_up(hub: Hub, store: Store, bus: Bus) -> None:
+class Wakeup:
+    """A nudge from synchronous code: ``set()`` any number of times; ``wait()`` returns once it was
+    set and clears it."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+
+async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+            nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
+
+
+async def run_catch_up(hub: Hub, store: Store, bus: Bus, wake: Wakeup) -> None:
     """The store is the truth: poll the heads of the users connected here and fill what the bus
     missed — every few seconds while it is healthy, twice a second while it is down, and at once
-    when its state changes."""
+    when its state changes or a write batch failed (a batch whose COMMIT outcome is unknown may
+    have committed: its events are then delivered from the store, never from the failed batch)."""
     while True:
         with trio.move_on_after(CATCH_UP_HEALTHY if bus.connected else CATCH_UP_DEGRADED):
             changed = getattr(bus, "changed", None)
             if changed is not None:
-                await changed.wait()
+                await _first_of(changed.wait, wake.wait)
             else:
-                await trio.sleep_forever()
+                await wake.wait()
         users = hub.users
         for i in range(0, len(users), CATCH_UP_CHUNK):
             try:

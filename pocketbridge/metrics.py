@@ -5,9 +5,34 @@ Never label by user, device or error text.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def trio_task_count() -> float:
+    """Tasks alive in the calling thread's trio run, counted from the root task down through every nursery.
+
+    Called at scrape time: /metrics is rendered on the event-loop thread, so this sees the daemon's run. Outside a
+    trio run (another thread, no run) it is NaN. Public trio API only (current_root_task, child_nurseries,
+    child_tasks); the walk is O(tasks) and does not yield.
+    """
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return math.nan
+    if root is None:
+        return math.nan
+    count = 0
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return float(count)
 
 
 class Metrics:
@@ -56,6 +81,10 @@ class Metrics:
             "pocketbridge_store_query_seconds", "Store call latency by kind (write batch, read)", ["kind"],
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
         )
+        self.trio_tasks = Gauge(
+            "pocketbridge_trio_tasks", "trio tasks alive in the daemon's event loop, counted at scrape time", registry=r
+        )
+        self.trio_tasks.set_function(trio_task_count)
 
     def watch(self, store: Any, bus: Any, version: str, instance: str) -> None:
         """Read the store's and bus's gauges at scrape time."""

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 SCENARIOS = ("relay", "handshakes", "memory", "replay")
+SOAK = "soak"  # long-running leak check; not part of "all" (see bench/soak.py)
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -23,7 +24,7 @@ def _positive(kind: type) -> Any:
 def add_bench_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "bench",
-        help="measure relay, handshakes, idle memory and replay",
+        help="measure relay, handshakes, idle memory and replay; soak-test for leaks",
         description=(
             "Load-test a PocketBridge daemon over loopback. Without --url, each scenario starts its own daemon "
             "(python -m pocketbridge serve) with a fresh temporary data dir, free 127.0.0.1 ports and the per-user "
@@ -33,7 +34,14 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="config for the daemon the benchmark starts")
     p.add_argument("--url", metavar="WS_URL", help="benchmark this running server (loopback) instead of starting one")
     p.add_argument("--server-pid", type=int, metavar="PID", help="with --url: the server's PID, for RSS and CPU")
-    p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all", help="what to measure (default: all)")
+    p.add_argument(
+        "--scenario",
+        choices=(*SCENARIOS, "all", SOAK),
+        default="all",
+        help="what to measure (default: all = relay, handshakes, memory, replay). soak: churn, events, replays and "
+        "pairings for --duration seconds against one daemon, sampling its RSS, fds, trio tasks and database size; "
+        "exits 1 if fds or tasks do not return to the idle baseline",
+    )
     p.add_argument(
         "--backend",
         choices=("sqlite", "postgres"),
@@ -59,7 +67,22 @@ def add_bench_parser(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke test)")
     p.add_argument(
-        "--duration", type=_positive(float), metavar="S", help="seconds per relay mode (default 10; quick 2)"
+        "--duration",
+        type=_positive(float),
+        metavar="S",
+        help="seconds per relay mode (default 10; quick 2); soak: seconds of load (default 600; quick 30)",
+    )
+    p.add_argument(
+        "--sample-interval",
+        type=_positive(float),
+        metavar="S",
+        help="soak: seconds between samples of the daemon (default duration/60, between 0.5 and 5)",
+    )
+    p.add_argument(
+        "--settle",
+        type=_positive(float),
+        metavar="S",
+        help="soak: max seconds to wait, after the load, for fds and tasks to return to the baseline (default 60)",
     )
     p.add_argument(
         "--rate",

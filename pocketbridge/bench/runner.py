@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from .. import __version__
-from .cli import DEFAULT_DSN, DEFAULT_REDIS_URL, SCENARIOS
+from .cli import DEFAULT_DSN, DEFAULT_REDIS_URL, SCENARIOS, SOAK
 from .daemon import BackendChoice, DaemonProcess, SharedBackend, describe_config
 from .sysinfo import (
     busy_cores,
@@ -996,6 +996,10 @@ def backend_choice(args: argparse.Namespace) -> BackendChoice:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.scenario == SOAK:  # its own flow, report and exit status (bench/soak.py)
+        from .soak import main as soak_main
+
+        return soak_main(args)
     try:
         params = Params.from_args(args)
         choice = backend_choice(args)

@@ -55,6 +55,11 @@ GAP_FILL_PAGE = 1000
 MAX_OPEN_PAGES = 8
 MAX_EARLY_MESSAGES = 100  # control messages held back until session_established is sent
 SEEN_REFRESH = 60.0  # seconds between last_seen refreshes of an idle connected device (§4)
+# Refusals that depend on the store, not on the event (§5.3): rejection acks, final for that event.
+STORE_REJECTIONS = {
+    Outcome.STORAGE_FULL: ("STORAGE_FULL", "The server's storage is full. Please try again later."),
+    Outcome.QUOTA_EXCEEDED: ("QUOTA_EXCEEDED", "Storage quota exceeded"),
+}
 
 
 @attrs.define(eq=False)
@@ -459,6 +464,9 @@ class Session:
         gw.metrics.events.labels(result.outcome.value).inc()
         if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
             self.conn.send(encode(ack_stored(event.device_seq, event.event_id, result.outcome.value)))
+        elif result.outcome in STORE_REJECTIONS:
+            code, error = STORE_REJECTIONS[result.outcome]
+            self.conn.send(encode(Rejection(event.device_seq, event.event_id, code, error).ack()))
         elif result.outcome is Outcome.CONFLICT:
             self.conn.close(SEQUENCE_CONFLICT)
         elif result.outcome is Outcome.REVOKED:

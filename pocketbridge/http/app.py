@@ -68,10 +68,11 @@ class Readiness:
 
     async def services(self, fresh: bool = False) -> dict[str, str]:
         if fresh or trio.current_time() - self._checked_at > READY_CACHE_SECONDS:
-            self._services = {
-                "database": await self._probe(self._gw.store.ping),
-                "bus": await self._probe(self._gw.bus.ping),
-            }
+            store = self._gw.store
+            database = store.write_failing or await self._probe(store.ping)  # writes failing: say so
+            if database == "connected" and store.space_low():
+                database = "storage_low"
+            self._services = {"database": database, "bus": await self._probe(self._gw.bus.ping)}
             self._checked_at = trio.current_time()
         return self._services
 
@@ -89,6 +90,10 @@ class Readiness:
 HINTS = {
     "database": "The database is unreachable; check [storage] settings.",
     "bus": "The message bus is unreachable; check [bus] settings.",
+    "storage_full": "The disk of the database is full: events are refused (1013) until space is freed.",
+    "storage_low": "Free disk is below [storage] min_free_bytes: new events are refused (STORAGE_FULL) until"
+    " space is freed.",
+    "write_failed": "Database writes are failing (see the log): events are refused (1013) until they work again.",
 }
 
 
@@ -104,7 +109,8 @@ def create_app(gw: Gateway) -> QuartTrio:
         g.request_id = request_id(request.headers.get("X-Request-ID"))
         request_id_var.set(g.request_id)
         client = request.scope.get("client") or ("unknown", 0)
-        g.peer = peer_address(client[0], request.headers.getlist("X-Forwarded-For"), gw.limits.trusted_proxies)
+        g.peer = peer_address(client[0], request.headers.getlist("X-Forwarded-For"), gw.limits.trusted_proxies,
+                              gw.config.limits.ipv6_prefix)
         if request.method == "OPTIONS":
             return Response("", status=204)
         if request.headers.get("Content-Encoding"):
@@ -160,7 +166,7 @@ def create_app(gw: Gateway) -> QuartTrio:
         if not down:
             return json_response(body)
         body["status"] = "degraded"
-        body["hint"] = " ".join(HINTS[name] for name in down)
+        body["hint"] = " ".join(HINTS.get(services[name], HINTS[name]) for name in down)
         return json_response(body, 503, {"Retry-After": "30"})
 
     @app.get("/health/live")

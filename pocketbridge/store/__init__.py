@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -105,6 +105,8 @@ class Outcome(enum.Enum):
     CONFLICT = "conflict"  # same (user, device, device_seq), other event_id
     REVOKED = "revoked"  # the device was revoked (or moved away) before the commit
     DELETING = "deleting"  # the user is being deleted
+    STORAGE_FULL = "storage_full"  # free disk below [storage] min_free_bytes: refused, nothing written
+    QUOTA_EXCEEDED = "quota_exceeded"  # the user's stored bytes or byte rate is over its limit
 
 
 @attrs.frozen
@@ -211,6 +213,22 @@ def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
 CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
 
 
+CHUNK_ROWS = 500  # events deleted per transaction when deleting an account or purging
+CHUNK_BYTES = 16 * 1024 * 1024  # ... and at most this much payload (at least one event)
+
+
+def take_chunk(rows: Iterable[Sequence[Any]], max_bytes: int = CHUNK_BYTES) -> list[Any]:
+    """The keys of ``(key, payload_size)`` rows up to ``max_bytes`` of payload (at least one)."""
+    keys: list[Any] = []
+    total = 0
+    for key, size in rows:
+        if keys and total + size > max_bytes:
+            break
+        keys.append(key)
+        total += size
+    return keys
+
+
 class Store(Protocol):
     """What the rest of the daemon may ask of storage. Keep it narrow."""
 
@@ -251,11 +269,13 @@ class Store(Protocol):
         """Flag the user so no handshake or event of it is admitted; False if it does not exist."""
 
     async def delete_user(self, user_id: str) -> DeletedCounts:
-        """Remove everything of the user in one transaction."""
+        """Remove everything of a user marked deleting: its events in bounded chunks (one transaction
+        each, off the event loop), then the rest in one transaction."""
 
     async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
-        """Delete up to ``limit`` events past their ttl (+ grace) or retention (and audit records
-        older than ``audit_ms``, expired signatures and pairing codes); returns the event count."""
+        """Delete up to ``limit`` events (and at most CHUNK_BYTES of payload) past their ttl (+ grace)
+        or retention (and audit records older than ``audit_ms``, expired signatures and pairing codes);
+        returns the event count: call again until it is 0."""
 
     def note_audit(
         self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None, detail: str | None
@@ -320,6 +340,16 @@ class Store(Protocol):
 
     def stats(self) -> dict[str, float]:
         """Gauges for metrics: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open."""
+
+    def space_low(self) -> bool:
+        """Free disk is below ``[storage] min_free_bytes``: new events are refused (STORAGE_FULL)."""
+
+    @property
+    def write_failing(self) -> str | None:
+        """None while writes work; "storage_full" or "write_failed" after a failed batch, until one commits."""
+
+    def on_write_failure(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after a failed write batch (its outcome may be unknown: re-read the store)."""
 
 
 def open_store(config: Config, clock: Clock, instance_id: str) -> Store:

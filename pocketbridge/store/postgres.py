@@ -46,6 +46,8 @@ from . import (
     Unrevoke,
     new_pairing_code,
     paginate,
+    take_chunk,
+    CHUNK_ROWS,
 )
 from .writer import BatchedWrites, BatchWriter, Breaker, Op
 
@@ -460,6 +462,19 @@ class PostgresStore(BatchedWrites):
     def _w_mark_deleting(self, c: psycopg.Connection[Any], now_ms: int, user_id: str) -> bool:
         return c.execute("UPDATE users SET deleting = true WHERE user_id = %s", (user_id,)).rowcount == 1
 
+    def _w_delete_user_events(self, c: psycopg.Connection[Any], now_ms: int, user_id: str) -> int:
+        rows = c.execute(
+            "SELECT ctid::text, payload_size FROM events WHERE user_id = %s ORDER BY server_seq LIMIT %s",
+            (user_id, CHUNK_ROWS),
+        )
+        return self._delete_ctids(c, take_chunk(rows))
+
+    @staticmethod
+    def _delete_ctids(c: psycopg.Connection[Any], ctids: list[str]) -> int:
+        if not ctids:
+            return 0
+        return c.execute("DELETE FROM events WHERE ctid = ANY(%s::tid[])", (ctids,)).rowcount
+
     def _w_delete_user(self, c: psycopg.Connection[Any], now_ms: int, user_id: str) -> DeletedCounts:
         events = c.execute("DELETE FROM events WHERE user_id = %s", (user_id,)).rowcount
         c.execute(
@@ -479,11 +494,13 @@ class PostgresStore(BatchedWrites):
         c.execute("DELETE FROM audit_log WHERE at < pb_ts(%s)", (now_ms - audit_ms,))
         c.execute("DELETE FROM pairing_failures WHERE at < pb_ts(%s)", (now_ms - 3_600_000,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < pb_ts(%s)", (now_ms,))
-        return c.execute(
-            "DELETE FROM events WHERE ctid IN (SELECT ctid FROM events WHERE ttl IS NOT NULL AND ttl < %s"
-            " UNION ALL SELECT ctid FROM events WHERE created_at < pb_ts(%s) AND (ttl IS NULL OR ttl < %s) LIMIT %s)",
+        rows = c.execute(
+            "SELECT ctid::text, payload_size FROM events WHERE ttl IS NOT NULL AND ttl < %s"
+            " UNION ALL SELECT ctid::text, payload_size FROM events WHERE created_at < pb_ts(%s)"
+            " AND (ttl IS NULL OR ttl < %s) LIMIT %s",
             (now_ms - ttl_grace_ms, now_ms - retention_ms, now_ms, limit),
-        ).rowcount
+        )
+        return self._delete_ctids(c, sorted(set(take_chunk(rows))))
 
     def _w_rename(self, c: psycopg.Connection[Any], now_ms: int, user_id: str, device_id: str, name: str) -> Rename:
         row = c.execute(

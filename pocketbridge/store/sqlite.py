@@ -8,9 +8,11 @@ a small pool of read-only connections. The schema carries a version so later rel
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,7 +23,7 @@ import trio
 
 from ..clock import Clock
 from ..config import Config
-from ..errors import StoreUnavailable
+from ..errors import StorageFull, StoreUnavailable
 from ..protocol.events import NewEvent
 from ..protocol.handshake import dedupe_device_name
 from . import (
@@ -44,6 +46,8 @@ from . import (
     Unrevoke,
     new_pairing_code,
     paginate,
+    take_chunk,
+    CHUNK_ROWS,
 )
 from .writer import BatchedWrites, BatchWriter, Breaker, Op
 
@@ -51,6 +55,8 @@ log = logging.getLogger("pocketbridge.store")
 
 SCHEMA_VERSION = 1
 READ_CONNECTIONS = 3
+FREE_CHECK_SECONDS = 0.5
+FULL_SLACK = 1024 * 1024  # an I/O error with less free space than this counts as a full disk
 T = TypeVar("T")
 
 _EVENT_COLUMNS = (
@@ -83,6 +89,9 @@ class SqliteStore(BatchedWrites):
             commit=self._commit,
         )
         self._w: sqlite3.Connection | None = None
+        self._min_free = config.storage.min_free_bytes
+        self._free = 1 << 62
+        self._free_checked = -math.inf
         self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -170,7 +179,7 @@ class SqliteStore(BatchedWrites):
         except sqlite3.Error as exc:
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            raise StoreUnavailable(f"write failed: {type(exc).__name__}") from exc
+            raise self._write_error("write", exc) from exc
         except BaseException:
             if c.in_transaction:  # never leave the write lock held
                 c.execute("ROLLBACK")
@@ -186,7 +195,32 @@ class SqliteStore(BatchedWrites):
         except sqlite3.Error as exc:
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            raise StoreUnavailable(f"commit failed: {type(exc).__name__}") from exc
+            raise self._write_error("commit", exc) from exc
+
+    def _write_error(self, what: str, exc: sqlite3.Error) -> StoreUnavailable:
+        """The one mapping of SQLite write errors: a full disk is told apart (for /health and the log)."""
+        full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        if not full and getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_IOERR:
+            full = self.free_bytes(fresh=True) < FULL_SLACK  # ENOSPC surfaces as an I/O error on some writes
+        if full:
+            return StorageFull(f"{what} failed: the disk is full")
+        return StoreUnavailable(f"{what} failed: {type(exc).__name__}")
+
+    def free_bytes(self, *, fresh: bool = False) -> int:
+        """Free space on the database's filesystem (checked at most every FREE_CHECK_SECONDS)."""
+        now = time.monotonic()
+        if fresh or now - self._free_checked > FREE_CHECK_SECONDS:
+            try:
+                st = os.statvfs(Path(self._path).parent)
+                self._free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._free = 1 << 62  # unknown: do not refuse on a guess
+            self._free_checked = now
+        return self._free
+
+    def space_low(self) -> bool:
+        """Free disk below ``[storage] min_free_bytes``: new events are refused (STORAGE_FULL)."""
+        return self._min_free > 0 and self.free_bytes() < self._min_free
 
     def _w_admit(self, c: sqlite3.Connection, now_ms: int, req: AdmitRequest) -> Admission:
         row = c.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (req.device_id,)).fetchone()
@@ -377,6 +411,18 @@ class SqliteStore(BatchedWrites):
     def _w_mark_deleting(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> bool:
         return c.execute("UPDATE users SET deleting = 1 WHERE user_id = ?", (user_id,)).rowcount == 1
 
+    def _w_delete_user_events(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> int:
+        rows = c.execute(
+            "SELECT rowid, payload_size FROM events WHERE user_id = ? ORDER BY server_seq LIMIT ?", (user_id, CHUNK_ROWS)
+        )
+        return self._delete_rowids(c, take_chunk(rows))
+
+    @staticmethod
+    def _delete_rowids(c: sqlite3.Connection, rowids: list[int]) -> int:
+        if not rowids:
+            return 0
+        return c.execute(f"DELETE FROM events WHERE rowid IN ({','.join('?' * len(rowids))})", rowids).rowcount
+
     def _w_delete_user(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> DeletedCounts:
         events = c.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
         c.execute(
@@ -398,11 +444,12 @@ class SqliteStore(BatchedWrites):
         c.execute("DELETE FROM audit_log WHERE at < ?", (now_ms - audit_ms,))
         c.execute("DELETE FROM pairing_failures WHERE at < ?", (now_ms - 3_600_000,))
         c.execute("DELETE FROM pairing_codes WHERE expires_at < ?", (now_ms,))
-        return c.execute(
-            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"
-            " UNION ALL SELECT rowid FROM events WHERE created_at < ? AND (ttl IS NULL OR ttl < ?) LIMIT ?)",
+        rows = c.execute(
+            "SELECT rowid, payload_size FROM events WHERE ttl IS NOT NULL AND ttl > 0 AND ttl < ?"
+            " UNION ALL SELECT rowid, payload_size FROM events WHERE created_at < ? AND (ttl IS NULL OR ttl < ?) LIMIT ?",
             (now_ms - ttl_grace_ms, cutoff, now_ms, limit),
-        ).rowcount
+        )
+        return self._delete_rowids(c, sorted(set(take_chunk(rows))))
 
     def _w_rename(self, c: sqlite3.Connection, now_ms: int, user_id: str, device_id: str, name: str) -> Rename:
         row = c.execute(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..clock import Clock
-from ..errors import StoreUnavailable
+from ..errors import StorageFull, StoreUnavailable
 from ..tracing import span
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ from . import (
     DeletedCounts,
     Device,
     EventResult,
+    Outcome,
     PairingResult,
     Profile,
     Rename,
@@ -40,6 +41,7 @@ log = logging.getLogger("pocketbridge.store")
 
 FLUSH_INTERVAL = 1.0
 READS_CURSORS = frozenset({"admit", "complete_pairing"})
+OFF_LOOP = frozenset({"delete_user_events", "delete_user", "purge"})  # long operations: never on the event loop
 MAX_PENDING_AUDIT = 10_000
 
 
@@ -116,6 +118,8 @@ class BatchWriter:
         self._last_flush = 0.0
         self.queued = 0  # operations waiting or in flight (a gauge for metrics)
         self.observe: Callable[[str, float], None] = lambda kind, seconds: None  # latency hook (metrics)
+        self.on_failure: Callable[[], None] = lambda: None  # a batch failed (its outcome may be unknown)
+        self.failing: str | None = None  # None, "storage_full" or "write_failed" until a batch commits again
 
     async def submit(self, kind: str, *args: Any) -> Any:
         """Queue one operation and wait for its commit; StoreUnavailable after ``op_timeout``."""
@@ -190,27 +194,31 @@ class BatchWriter:
 
     async def _commit(self, batch: list[Op], on_commit: CommitHook) -> None:
         now_ms = self._clock.now_ms()
-        stored: list[StoredEvent] = []
+        stored: list[StoredEvent] = []  # only a committed batch is published
         started = trio.current_time()
         try:
             with span("store.batch", operations=len(batch)):
-                if self._commit_fn is not None:
+                if self._commit_fn is not None and not any(op.kind in OFF_LOOP for op in batch):
                     # the statements are quick: run them here; only the commit (fsync) goes to a thread
-                    stored = self._apply_batch(batch, now_ms)
+                    applied = self._apply_batch(batch, now_ms)
                     with trio.CancelScope(shield=True):  # an applied batch is always committed or rolled back
                         await trio.to_thread.run_sync(self._commit_fn)
+                elif self._commit_fn is not None:
+                    # long work (deleting an account, purging): statements and commit in a worker thread,
+                    # shielded like the commit above, so the event loop keeps serving everyone else
+                    with trio.CancelScope(shield=True):
+                        applied = await trio.to_thread.run_sync(self._apply_and_commit, batch, now_ms)
                 else:
-                    stored = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+                    applied = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
+            stored = applied
             self.observe("write_batch", trio.current_time() - started)
             self._breaker.succeeded()
+            self._set_failing(None)
         except StoreUnavailable as exc:
-            log.warning("store batch of %d operations failed: %s", len(batch), exc)
-            self._breaker.failed()
-            self._fail(batch, exc)
-        except Exception:
-            log.exception("store batch failed")
-            self._breaker.failed()
-            self._fail(batch, StoreUnavailable("store batch failed"))
+            self._failed(batch, exc, exc)
+        except Exception as exc:
+            log.error("store batch failed: %s", type(exc).__name__, exc_info=exc)
+            self._failed(batch, StoreUnavailable("store batch failed"), exc)
         if stored:
             try:
                 await on_commit(stored)
@@ -219,6 +227,33 @@ class BatchWriter:
                 log.exception("commit hook failed for %d events", len(stored))
         for op in batch:
             op.done.set()
+
+    def _apply_and_commit(self, batch: Sequence[Op], now_ms: int) -> list[StoredEvent]:
+        assert self._commit_fn is not None
+        applied = self._apply_batch(batch, now_ms)
+        self._commit_fn()
+        return applied
+
+    def _failed(self, batch: Sequence[Op], error: StoreUnavailable, cause: BaseException) -> None:
+        """A batch failed as a whole: nothing of it is acked or published. Its outcome may still be
+        unknown (a connection lost after COMMIT was sent): ``on_failure`` makes the instance re-read
+        the committed heads from the store, so whatever did commit is delivered from the store."""
+        self._breaker.failed()
+        self._fail(batch, error)
+        self._set_failing("storage_full" if isinstance(error, StorageFull) else "write_failed", cause)
+        self.on_failure()
+
+    def _set_failing(self, state: str | None, cause: BaseException | None = None) -> None:
+        """Track whether writes work (for /health); log only when the state changes."""
+        if state == self.failing:
+            return
+        if state is None:
+            log.warning("store writes work again")
+        elif state == "storage_full":
+            log.error("store writes fail: the disk is full; events are refused with 1013 until space is freed")
+        else:
+            log.error("store writes fail: %s", cause)
+        self.failing = state
 
     @staticmethod
     def _fail(batch: Sequence[Op], exc: BaseException) -> None:
@@ -238,7 +273,21 @@ class BatchedWrites:
         return await self._writer.submit("admit", request)  # type: ignore[no-any-return]
 
     async def append_event(self, event: NewEvent) -> EventResult:
+        if self.space_low():
+            return EventResult(Outcome.STORAGE_FULL)
         return await self._writer.submit("event", event)  # type: ignore[no-any-return]
+
+    def space_low(self) -> bool:
+        """Free disk below ``[storage] min_free_bytes`` (only the embedded store watches its disk)."""
+        return False
+
+    @property
+    def write_failing(self) -> str | None:
+        """None while writes work; "storage_full" or "write_failed" from a failed batch until one commits."""
+        return self._writer.failing
+
+    def on_write_failure(self, hook: Callable[[], None]) -> None:
+        self._writer.on_failure = hook
 
     async def set_presence(self, device_id: str, connection_id: str, online: bool) -> int:
         return await self._writer.submit("presence", device_id, connection_id, online)  # type: ignore[no-any-return]
@@ -258,7 +307,11 @@ class BatchedWrites:
         return await self._writer.submit("mark_deleting", user_id)  # type: ignore[no-any-return]
 
     async def delete_user(self, user_id: str) -> DeletedCounts:
-        return await self._writer.submit("delete_user", user_id)  # type: ignore[no-any-return]
+        events = 0
+        while n := await self._writer.submit("delete_user_events", user_id):
+            events += n
+        counts: DeletedCounts = await self._writer.submit("delete_user", user_id)
+        return DeletedCounts(counts.devices, counts.events + events)
 
     async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
         return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
