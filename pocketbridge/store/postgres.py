@@ -459,6 +459,9 @@ class PostgresStore(BatchedWrites):
         c.execute("DELETE FROM pairing_codes WHERE device_id = %s", (device_id,))
         return device
 
+    def _w_probe(self, c: psycopg.Connection[Any], now_ms: int) -> None:
+        c.execute("UPDATE pb_schema SET version = version WHERE version = (SELECT max(version) FROM pb_schema)")
+
     def _w_mark_deleting(self, c: psycopg.Connection[Any], now_ms: int, user_id: str) -> bool:
         return c.execute("UPDATE users SET deleting = true WHERE user_id = %s", (user_id,)).rowcount == 1
 
