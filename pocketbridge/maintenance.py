@@ -26,6 +26,8 @@ async def purge_once(store: Store, config: Config) -> int:
     retention_ms = config.retention.event_days * DAY_MS
     grace_ms = int(config.limits.clock_skew * 1000)
     audit_ms = config.retention.audit_days * DAY_MS
+    for user_id in await store.deleting_users():  # a deletion cut short (crash, restart) is finished here
+        await store.delete_user(user_id)
     total = 0
     while True:
         n = await store.purge(retention_ms, grace_ms, PURGE_BATCH, audit_ms)

@@ -265,6 +265,9 @@ class Store(Protocol):
     async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
         """Revoke (idempotent); None if unknown or not in ``user_id``. Returns the device as it was."""
 
+    async def deleting_users(self) -> list[str]:
+        """Users marked deleting (a deletion cut short by a crash is finished by the purge)."""
+
     async def mark_deleting(self, user_id: str) -> bool:
         """Flag the user so no handshake or event of it is admitted; False if it does not exist."""
 

@@ -588,6 +588,9 @@ class PostgresStore(BatchedWrites):
         return n
 
     # --- reads -----------------------------------------------------------------------------------
+    async def deleting_users(self) -> list[str]:
+        return await self._read(lambda c: [r[0] for r in c.execute("SELECT user_id FROM users WHERE deleting")])
+
     async def head_seq(self, user_id: str) -> int:
         def q(c: psycopg.Connection[Any]) -> int:
             row = c.execute("SELECT server_seq FROM users WHERE user_id = %s", (user_id,), prepare=True).fetchone()

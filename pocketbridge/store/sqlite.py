@@ -549,6 +549,9 @@ class SqliteStore(BatchedWrites):
             # an abandoned thread may still use ``conn``: put a fresh connection in its place
             self._pool_send.send_nowait(conn if done else self._connect(readonly=True))
 
+    async def deleting_users(self) -> list[str]:
+        return await self._read(lambda c: [r[0] for r in c.execute("SELECT user_id FROM users WHERE deleting = 1")])
+
     async def head_seq(self, user_id: str) -> int:
         def q(c: sqlite3.Connection) -> int:
             row = c.execute("SELECT server_seq FROM users WHERE user_id = ?", (user_id,)).fetchone()

@@ -84,7 +84,7 @@ async def test_account_deletion_does_not_freeze_other_connections(config: Any) -
                 took, pause, pongs = await pauses_while(other, delete)
     print(f"deletion of {EVENTS} MiB took {took:.3f} s; longest pause of the other connection {pause:.3f} s, "
           f"{pongs} pongs meanwhile")
-    assert pongs >= 2 and pause < 0.12 * took, (took, pause, pongs)
+    assert pongs >= 2 and pause < max(0.12 * took, 0.05), (took, pause, pongs)
 
 
 async def test_large_purge_does_not_freeze_other_connections(config: Any) -> None:
@@ -103,4 +103,4 @@ async def test_large_purge_does_not_freeze_other_connections(config: Any) -> Non
                 took, pause, pongs = await pauses_while(other, purge)
     print(f"purge of {purged} events took {took:.3f} s; longest pause {pause:.3f} s, {pongs} pongs meanwhile")
     assert purged == [EVENTS]
-    assert pongs >= 2 and pause < 0.12 * took, (took, pause, pongs)
+    assert pongs >= 2 and pause < max(0.12 * took, 0.05), (took, pause, pongs)
