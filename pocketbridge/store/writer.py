@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..audit import AuditThrottle
 from ..clock import Clock
 from ..errors import StorageFull, StoreUnavailable
 from ..tracing import span
@@ -115,6 +116,7 @@ class BatchWriter:
         self._seen: dict[str, str] = {}  # device_id -> user_id
         self._audit: list[tuple[Any, ...]] = []
         self.audit_dropped = 0
+        self.audit_throttle = AuditThrottle()
         self._last_flush = 0.0
         self.queued = 0  # operations waiting or in flight (a gauge for metrics)
         self.observe: Callable[[str, float], None] = lambda kind, seconds: None  # latency hook (metrics)
@@ -147,6 +149,11 @@ class BatchWriter:
         self._seen[device_id] = user_id
 
     def note_audit(self, record: tuple[Any, ...]) -> None:
+        if not self.audit_throttle.admit(record, trio.current_time()):
+            return
+        self._append_audit(record)
+
+    def _append_audit(self, record: tuple[Any, ...]) -> None:
         if len(self._audit) >= MAX_PENDING_AUDIT:
             self.audit_dropped += 1
             return
@@ -155,9 +162,13 @@ class BatchWriter:
     def _take_coalesced(self, force: bool) -> Op | None:
         """The pending cursor and activity updates as one operation, at most once a second."""
         now = trio.current_time()
-        if not (self._cursors or self._seen or self._audit) or (not force and now - self._last_flush < FLUSH_INTERVAL):
+        if not force and now - self._last_flush < FLUSH_INTERVAL:
             return None
         self._last_flush = now
+        for row in self.audit_throttle.sweep(now):
+            self._append_audit(row)
+        if not (self._cursors or self._seen or self._audit):
+            return None
         cursors, self._cursors = self._cursors, {}
         seen, self._seen = self._seen, {}
         audit, self._audit = self._audit, []
