@@ -61,6 +61,13 @@ def _lock_out(session: Session) -> None:
     session.conn.close(PAIRING_LOCKOUT, _failed(LOCKOUT))
 
 
+def _deployment_lockout(session: Session) -> None:
+    session.gw.metrics.rate_limited.labels("pairing_failures_deployment").inc()
+    audit(session.gw, "rate_limited", actor=session.device_id, peer=session.conn.peer,
+          detail="pairing_failures_deployment")
+    session.conn.send(_failed(DEPLOYMENT_LOCKOUT))
+
+
 async def complete_pairing(session: Session, payload: Any) -> None:
     gw = session.gw
     limits = gw.limits
@@ -71,37 +78,35 @@ async def complete_pairing(session: Session, payload: Any) -> None:
         return
     peer = session.conn.peer
     cfg = gw.config.pairing
-    now = gw.clock.now_ms()
-    try:  # what every instance recorded (the local buckets below also count this instance's last second)
-        everyone, mine = await gw.store.pairing_failures(peer, now - 60_000, now - 3_600_000)
-    except StoreUnavailable:
-        session.conn.send(_failed(STORE_FAILED))
-        return
-    if (
-        session.pairing_failures >= max_per_connection
-        or mine >= cfg.max_failures_per_ip_per_hour
-        or limits.pairing_failures_per_ip.available(peer) < 1
-    ):
+    # Check and charge before anything is awaited, so concurrent attempts cannot overshoot a limit: this
+    # connection's and this instance's budgets here, every instance's in the store's one step below.
+    if session.pairing_failures >= max_per_connection or not limits.pairing_failures_per_ip.take(peer):
         _lock_out(session)
         return
-    if everyone >= cfg.max_failures_per_minute or limits.pairing_failures.available(GLOBAL_KEY) < 1:
-        gw.metrics.rate_limited.labels("pairing_failures_deployment").inc()
-        audit(gw, "rate_limited", actor=session.device_id, peer=peer, detail="pairing_failures_deployment")
-        session.conn.send(_failed(DEPLOYMENT_LOCKOUT))
+    if not limits.pairing_failures.take(GLOBAL_KEY):
+        _deployment_lockout(session)
         return
+    session.pairing_failures += 1  # given back below unless the code was wrong
     try:
-        result = await gw.store.complete_pairing(code, session.device_id, gw.config.limits.max_devices_per_user, peer)
+        result = await gw.store.complete_pairing(
+            code, session.device_id, gw.config.limits.max_devices_per_user, peer,
+            (cfg.max_failures_per_ip_per_hour, cfg.max_failures_per_minute),
+        )
     except StoreUnavailable:
         session.conn.send(_failed(STORE_FAILED))
         return
+    if result.outcome is Pairing.LOCKED_PEER:
+        _lock_out(session)
+        return
+    if result.outcome is Pairing.LOCKED_DEPLOYMENT:
+        _deployment_lockout(session)
+        return
     if result.outcome is Pairing.NOT_FOUND:
-        session.pairing_failures += 1
-        limits.pairing_failures_per_ip.take(peer)
-        limits.pairing_failures.take(GLOBAL_KEY)
         session.conn.send(_failed(NOT_FOUND))
         if session.pairing_failures >= max_per_connection:
             _lock_out(session)
         return
+    session.pairing_failures -= 1
     if result.outcome is Pairing.USED:
         session.conn.send(_failed(NOT_FOUND))
         return

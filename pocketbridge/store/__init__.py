@@ -121,6 +121,8 @@ class Pairing(enum.Enum):
     NOT_FOUND = "not_found"  # no such code, expired, or its initiator is gone: a counted failure
     USED = "used"  # consumed by a concurrent attempt: reported as not found, not counted
     LIMIT = "limit"  # the initiator's account is full; the code stays valid
+    LOCKED_PEER = "locked_peer"  # the address used up its failures of the last hour: the code is not tried
+    LOCKED_DEPLOYMENT = "locked_deployment"  # the deployment-wide failures of the last minute are used up
 
 
 @attrs.frozen
@@ -255,8 +257,12 @@ class Store(Protocol):
         """A fresh unique code for the initiator (replacing its previous one) and its expiry in ms;
         None when the initiator's account is at the device limit."""
 
-    async def complete_pairing(self, code: str, device_id: str, max_devices: int) -> PairingResult:
-        """§7 steps 3–6 atomically; a NOT_FOUND outcome is also recorded as a failure of ``peer``."""
+    async def complete_pairing(
+        self, code: str, device_id: str, max_devices: int, peer: str = "", failure_limits: tuple[int, int] = (0, 0)
+    ) -> PairingResult:
+        """§7 steps 3–6 atomically. Check and charge in one step, across instances: with ``failure_limits``
+        (per address per hour, deployment-wide per minute; 0 = none) an exhausted limit refuses before the
+        code is tried, and a NOT_FOUND outcome is recorded as a failure of ``peer``."""
 
     async def pairing_failures(self, peer: str, minute_ago_ms: int, hour_ago_ms: int) -> tuple[int, int]:
         """Failed pairing attempts recorded by every instance: (deployment-wide since ``minute_ago_ms``,

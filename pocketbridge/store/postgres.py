@@ -56,6 +56,7 @@ log = logging.getLogger("pocketbridge.store")
 SCHEMA_VERSION = 1
 POOL_WAIT = 3.0  # seconds to wait for a pooled connection before the call counts as a failure
 MIGRATION_LOCK = 0x706F636B  # advisory lock key held while migrating
+PAIRING_LOCK = 0x70627061  # advisory transaction lock serializing pairing attempts (failure limits)
 T = TypeVar("T")
 
 _EVENT_COLUMNS = (
@@ -400,8 +401,22 @@ class PostgresStore(BatchedWrites):
                 return code, expires_at
 
     def _w_complete_pairing(
-        self, c: psycopg.Connection[Any], now_ms: int, code: str, device_id: str, max_devices: int, peer: str
+        self, c: psycopg.Connection[Any], now_ms: int, code: str, device_id: str, max_devices: int, peer: str,
+        failure_limits: tuple[int, int],
     ) -> PairingResult:
+        per_peer, per_minute = failure_limits
+        if per_peer or per_minute:
+            # attempts from every instance take turns here, so the check and the charge are one step
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (PAIRING_LOCK,))
+            everyone, mine = c.execute(
+                "SELECT count(*) FILTER (WHERE at > pb_ts(%s)), count(*) FILTER (WHERE peer = %s)"
+                " FROM pairing_failures WHERE at > pb_ts(%s)",
+                (now_ms - 60_000, peer, now_ms - 3_600_000),
+            ).fetchone()
+            if per_peer and mine >= per_peer:
+                return PairingResult(Pairing.LOCKED_PEER)
+            if per_minute and everyone >= per_minute:
+                return PairingResult(Pairing.LOCKED_DEPLOYMENT)
         result = self._pair(c, now_ms, code, device_id, max_devices)
         if result.outcome is Pairing.NOT_FOUND:
             c.execute("INSERT INTO pairing_failures (at, peer) VALUES (pb_ts(%s), %s)", (now_ms, peer))

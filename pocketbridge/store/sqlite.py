@@ -356,8 +356,20 @@ class SqliteStore(BatchedWrites):
                 return code, expires_at
 
     def _w_complete_pairing(
-        self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int, peer: str
+        self, c: sqlite3.Connection, now_ms: int, code: str, device_id: str, max_devices: int, peer: str,
+        failure_limits: tuple[int, int],
     ) -> PairingResult:
+        # one writer, one transaction: the check and the charge below cannot interleave with another attempt
+        per_peer, per_minute = failure_limits
+        if per_peer or per_minute:
+            (everyone,) = c.execute("SELECT count(*) FROM pairing_failures WHERE at > ?", (now_ms - 60_000,)).fetchone()
+            (mine,) = c.execute(
+                "SELECT count(*) FROM pairing_failures WHERE peer = ? AND at > ?", (peer, now_ms - 3_600_000)
+            ).fetchone()
+            if per_peer and mine >= per_peer:
+                return PairingResult(Pairing.LOCKED_PEER)
+            if per_minute and everyone >= per_minute:
+                return PairingResult(Pairing.LOCKED_DEPLOYMENT)
         result = self._pair(c, now_ms, code, device_id, max_devices)
         if result.outcome is Pairing.NOT_FOUND:
             c.execute("INSERT INTO pairing_failures (at, peer) VALUES (?, ?)", (now_ms, peer))

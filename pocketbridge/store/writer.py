@@ -312,8 +312,12 @@ class BatchedWrites:
     ) -> tuple[str, int] | None:
         return await self._writer.submit("pairing_code", user_id, device_id, ttl_ms, max_devices)  # type: ignore[no-any-return]
 
-    async def complete_pairing(self, code: str, device_id: str, max_devices: int, peer: str = "") -> PairingResult:
-        return await self._writer.submit("complete_pairing", code, device_id, max_devices, peer)  # type: ignore[no-any-return]
+    async def complete_pairing(
+        self, code: str, device_id: str, max_devices: int, peer: str = "", failure_limits: tuple[int, int] = (0, 0)
+    ) -> PairingResult:
+        return await self._writer.submit(  # type: ignore[no-any-return]
+            "complete_pairing", code, device_id, max_devices, peer, failure_limits
+        )
 
     async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
         return await self._writer.submit("revoke", device_id, reason, user_id)  # type: ignore[no-any-return]
