@@ -1,4 +1,4 @@
--- PocketBridge PostgreSQL schema, version 1.
+-- PocketBridge PostgreSQL schema, version 2.
 -- Applied by `pocketbridge migrate` (versioned, idempotent, under an advisory lock); `serve` refuses to
 -- start on an unmigrated or newer schema. Times are timestamptz; the wire carries epoch milliseconds.
 
@@ -14,6 +14,10 @@ CREATE TABLE IF NOT EXISTS users (
     deleting      boolean NOT NULL DEFAULT false,
     last_activity timestamptz
 );
+-- version 2: the storage quota (payload bytes stored, and a bytes-per-minute bucket: bytes available at quota_at)
+ALTER TABLE users ADD COLUMN IF NOT EXISTS stored_bytes bigint NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS quota_tokens double precision;
+ALTER TABLE users ADD COLUMN IF NOT EXISTS quota_at bigint;
 
 CREATE TABLE IF NOT EXISTS devices (
     device_id           text PRIMARY KEY
@@ -122,19 +126,23 @@ CREATE OR REPLACE FUNCTION pb_ms(t timestamptz) RETURNS bigint
 CREATE OR REPLACE FUNCTION pb_ts(ms bigint) RETURNS timestamptz
     LANGUAGE sql IMMUTABLE AS $$ SELECT to_timestamp(ms / 1000.0) $$;
 
--- One event, one round trip: idempotency, server_seq and stream_seq in one call (§5.4).
--- outcome: stored | duplicate | conflict | revoked | deleting
+-- One event, one round trip: idempotency, quota, server_seq and stream_seq in one call (§5.4).
+-- outcome: stored | duplicate | conflict | revoked | deleting | quota_exceeded
+-- p_max_bytes: stored payload bytes allowed per user; p_rate: payload bytes per minute (0 = unlimited).
+DROP FUNCTION IF EXISTS pb_append_event(text, text, text, bigint, text, text, text, integer, bigint, bigint);
 -- Every writer of a user's events first locks the user's row, so the duplicate checks below cannot
 -- race another instance, and commit order equals server_seq order within the user.
 CREATE OR REPLACE FUNCTION pb_append_event(
     p_user text, p_event_id text, p_device text, p_device_seq bigint, p_stream text, p_type text,
-    p_payload text, p_size integer, p_ttl bigint, p_now bigint,
+    p_payload text, p_size integer, p_ttl bigint, p_now bigint, p_max_bytes bigint, p_rate bigint,
     OUT outcome text, OUT server_seq bigint, OUT stream_seq bigint
 ) LANGUAGE plpgsql AS $$
 DECLARE
     v_owner text; v_revoked timestamptz; v_deleting boolean; v_existing text;
+    v_stored bigint; v_tokens double precision; v_at bigint; v_avail double precision;
 BEGIN
-    SELECT u.deleting INTO v_deleting FROM users u WHERE u.user_id = p_user FOR UPDATE;
+    SELECT u.deleting, u.stored_bytes, u.quota_tokens, u.quota_at INTO v_deleting, v_stored, v_tokens, v_at
+      FROM users u WHERE u.user_id = p_user FOR UPDATE;
     SELECT d.user_id, d.revoked_at INTO v_owner, v_revoked FROM devices d WHERE d.device_id = p_device;
     IF v_owner IS NULL OR v_owner <> p_user OR v_revoked IS NOT NULL THEN
         outcome := 'revoked'; RETURN;
@@ -151,7 +159,23 @@ BEGIN
     IF FOUND THEN
         outcome := 'duplicate'; RETURN;
     END IF;
-    UPDATE users u SET server_seq = u.server_seq + 1, last_activity = pb_ts(p_now)
+    IF p_max_bytes > 0 AND v_stored + p_size > p_max_bytes THEN
+        outcome := 'quota_exceeded'; RETURN;
+    END IF;
+    IF p_rate > 0 THEN
+        v_avail := CASE WHEN v_tokens IS NULL OR v_at IS NULL THEN p_rate ELSE v_tokens END;
+        IF v_at IS NOT NULL THEN
+            v_avail := least(p_rate, v_avail + greatest(0, p_now - v_at) * p_rate / 60000.0);
+        END IF;
+        IF p_size > v_avail THEN
+            outcome := 'quota_exceeded'; RETURN;
+        END IF;
+        v_tokens := v_avail - p_size;
+    ELSE
+        v_tokens := NULL;
+    END IF;
+    UPDATE users u SET server_seq = u.server_seq + 1, last_activity = pb_ts(p_now),
+           stored_bytes = u.stored_bytes + p_size, quota_tokens = v_tokens, quota_at = p_now
      WHERE u.user_id = p_user RETURNING u.server_seq INTO server_seq;
     INSERT INTO streams AS s (user_id, stream_id, last_seq) VALUES (p_user, p_stream, 1)
         ON CONFLICT (user_id, stream_id) DO UPDATE SET last_seq = s.last_seq + 1
@@ -165,4 +189,26 @@ BEGIN
     outcome := 'stored';
 END $$;
 
+-- Every deletion of events (purge, account deletion) gives their bytes back to the users' quotas.
+CREATE OR REPLACE FUNCTION pb_release_quota() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE users u SET stored_bytes = greatest(0, u.stored_bytes - g.bytes)
+      FROM (SELECT user_id, sum(payload_size) AS bytes FROM gone GROUP BY user_id) g
+     WHERE u.user_id = g.user_id;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS events_release_quota ON events;
+CREATE TRIGGER events_release_quota AFTER DELETE ON events REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION pb_release_quota();
+
+-- Upgrading from version 1: count what each user already stores.
+DO $$
+BEGIN
+    IF (SELECT coalesce(max(version), 0) FROM pb_schema) = 1 THEN
+        UPDATE users u SET stored_bytes = coalesce((SELECT sum(e.payload_size) FROM events e
+                                                    WHERE e.user_id = u.user_id), 0);
+    END IF;
+END $$;
+
 INSERT INTO pb_schema (version) VALUES (1) ON CONFLICT DO NOTHING;
+INSERT INTO pb_schema (version) VALUES (2) ON CONFLICT DO NOTHING;

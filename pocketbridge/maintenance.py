@@ -4,6 +4,7 @@ heartbeat (presence across instances) and the catch-up poll behind the bus."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from .store import Store
 log = logging.getLogger("pocketbridge.maintenance")
 
 PURGE_BATCH = 1000
+INACTIVE_BATCH = 100
 DAY_MS = 86_400_000
 
 
@@ -28,6 +30,8 @@ async def purge_once(store: Store, config: Config) -> int:
     audit_ms = config.retention.audit_days * DAY_MS
     for user_id in await store.deleting_users():  # a deletion cut short (crash, restart) is finished here
         await store.delete_user(user_id)
+    if config.retention.inactive_user_days:
+        await purge_inactive_users(store, config.retention.inactive_user_days)
     total = 0
     while True:
         n = await store.purge(retention_ms, grace_ms, PURGE_BATCH, audit_ms)
@@ -35,6 +39,21 @@ async def purge_once(store: Store, config: Config) -> int:
         if n == 0:
             return total
         await trio.sleep(0)  # let live traffic through between batches
+
+
+async def purge_inactive_users(store: Store, days: int) -> int:
+    """Delete the accounts whose every device is revoked and that had no activity for ``days`` days."""
+    deleted = 0
+    while users := await store.inactive_users(int(time.time() * 1000) - days * DAY_MS, INACTIVE_BATCH):
+        for user_id in users:
+            if await store.mark_deleting(user_id):
+                store.note_audit(int(time.time() * 1000), "account_purged", None, user_id[:8], None,
+                                 f"inactive for {days} days, every device revoked")
+                await store.delete_user(user_id)
+                deleted += 1
+    if deleted:
+        log.info("purged %d inactive accounts", deleted)
+    return deleted
 
 
 async def run_purger(store: Store, config: Callable[[], Config]) -> None:

@@ -228,7 +228,8 @@ def register(app: QuartTrio, gw: Gateway) -> None:
     def _profile(p: Any) -> dict[str, Any]:
         return {"user_id": p.user_id, "display_name": p.display_name, "email": p.email, "avatar_url": p.avatar_url,
                 "preferences": p.preferences, "onboarding_completed": p.onboarding_completed,
-                "created_at": p.created_at, "updated_at": p.updated_at, "last_seen": p.last_seen}
+                "created_at": p.created_at, "updated_at": p.updated_at, "last_seen": p.last_seen,
+                "storage": {"used_bytes": p.stored_bytes, "max_bytes": gw.config.limits.max_stored_bytes_per_user}}
 
     @api("/user/profile", ["GET"])
     async def get_profile(caller: Caller) -> Response:

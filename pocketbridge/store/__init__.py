@@ -156,6 +156,7 @@ class Profile:
     created_at: int
     updated_at: int
     last_seen: int
+    stored_bytes: int = 0  # payload bytes of the user's stored events (the quota's usage)
 
 
 @attrs.frozen
@@ -215,6 +216,31 @@ def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
 CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
 
 
+@attrs.frozen
+class Quota:
+    """Per-user storage limits (``[limits]``): stored payload bytes, and payload bytes per minute as a
+    token bucket holding at most one minute's worth. 0 means unlimited."""
+
+    max_bytes: int = 0
+    bytes_per_minute: int = 0
+
+    def charge(
+        self, stored: int, tokens: float | None, at_ms: int | None, size: int, now_ms: int
+    ) -> tuple[float | None, int] | None:
+        """The bucket after storing ``size`` more bytes (tokens, at), or None if the event is over a limit."""
+        if self.max_bytes and stored + size > self.max_bytes:
+            return None
+        if not self.bytes_per_minute:
+            return None, now_ms
+        rate = self.bytes_per_minute / 60_000  # bytes per millisecond
+        available = self.bytes_per_minute if tokens is None or at_ms is None else tokens
+        if at_ms is not None:
+            available = min(self.bytes_per_minute, available + max(0, now_ms - at_ms) * rate)
+        if size > available:
+            return None
+        return available - size, now_ms
+
+
 CHUNK_ROWS = 500  # events deleted per transaction when deleting an account or purging
 CHUNK_BYTES = 16 * 1024 * 1024  # ... and at most this much payload (at least one event)
 
@@ -270,6 +296,9 @@ class Store(Protocol):
 
     async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
         """Revoke (idempotent); None if unknown or not in ``user_id``. Returns the device as it was."""
+
+    async def inactive_users(self, before_ms: int, limit: int) -> list[str]:
+        """Users whose every device is revoked and with no activity since ``before_ms``."""
 
     async def deleting_users(self) -> list[str]:
         """Users marked deleting (a deletion cut short by a crash is finished by the purge)."""

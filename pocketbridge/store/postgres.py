@@ -53,7 +53,7 @@ from .writer import BatchedWrites, BatchWriter, Breaker, Op
 
 log = logging.getLogger("pocketbridge.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POOL_WAIT = 3.0  # seconds to wait for a pooled connection before the call counts as a failure
 MIGRATION_LOCK = 0x706F636B  # advisory lock key held while migrating
 PAIRING_LOCK = 0x70627061  # advisory transaction lock serializing pairing attempts (failure limits)
@@ -70,7 +70,7 @@ _DEVICE_COLUMNS = (
 _OUTCOMES = {o.value: o for o in Outcome}
 PIPELINED = frozenset({"event", "coalesced"})
 APPEND_EVENT = (
-    "SELECT outcome, server_seq, stream_seq FROM pb_append_event(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    "SELECT outcome, server_seq, stream_seq FROM pb_append_event(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
@@ -129,6 +129,7 @@ class PostgresStore(BatchedWrites):
             linger=st.batch_linger,
         )
         self.instance_id = instance_id
+        self._quota = (config.limits.max_stored_bytes_per_user, config.limits.stored_bytes_per_user_per_minute)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -241,7 +242,7 @@ class PostgresStore(BatchedWrites):
                     if op.kind == "event":
                         ev: NewEvent = op.args[0]
                         params = (ev.user_id, ev.event_id, ev.device_id, ev.device_seq, ev.stream_id, ev.type,
-                                  ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms)
+                                  ev.encrypted_payload, ev.payload_size, ev.ttl, now_ms, *self._quota)
                         appended.append((op, conn.execute(APPEND_EVENT, params, prepare=True)))
                         continue
                     try:
@@ -555,8 +556,8 @@ class PostgresStore(BatchedWrites):
         )
         row = c.execute(
             "SELECT p.user_id, p.display_name, p.email, p.avatar_url, p.preferences, p.onboarding_completed,"
-            " pb_ms(p.created_at), pb_ms(p.updated_at), pb_ms(coalesce(u.last_activity, p.updated_at))"
-            " FROM profiles p LEFT JOIN users u ON u.user_id = p.user_id WHERE p.user_id = %s",
+            " pb_ms(p.created_at), pb_ms(p.updated_at), pb_ms(coalesce(u.last_activity, p.updated_at)),"
+            " coalesce(u.stored_bytes, 0) FROM profiles p LEFT JOIN users u ON u.user_id = p.user_id WHERE p.user_id = %s",
             (user_id,),
         ).fetchone()
         assert row is not None
@@ -603,6 +604,17 @@ class PostgresStore(BatchedWrites):
         return n
 
     # --- reads -----------------------------------------------------------------------------------
+    async def inactive_users(self, before_ms: int, limit: int) -> list[str]:
+        def q(c: psycopg.Connection[Any]) -> list[str]:
+            rows = c.execute(
+                "SELECT u.user_id FROM users u WHERE coalesce(u.last_activity, u.created_at) < pb_ts(%s) AND NOT EXISTS"
+                " (SELECT 1 FROM devices d WHERE d.user_id = u.user_id AND d.revoked_at IS NULL) LIMIT %s",
+                (before_ms, limit),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(q)
+
     async def deleting_users(self) -> list[str]:
         return await self._read(lambda c: [r[0] for r in c.execute("SELECT user_id FROM users WHERE deleting")])
 

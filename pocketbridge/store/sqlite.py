@@ -48,12 +48,23 @@ from . import (
     paginate,
     take_chunk,
     CHUNK_ROWS,
+    Quota,
 )
 from .writer import BatchedWrites, BatchWriter, Breaker, Op
 
 log = logging.getLogger("pocketbridge.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Steps from the version before each key (a new database gets the whole schema file at once).
+UPGRADES = {
+    2: [
+        "ALTER TABLE users ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE users ADD COLUMN quota_tokens REAL",
+        "ALTER TABLE users ADD COLUMN quota_at INTEGER",
+        "UPDATE users SET stored_bytes = (SELECT coalesce(sum(payload_size), 0) FROM events e"
+        " WHERE e.user_id = users.user_id)",
+    ],
+}
 READ_CONNECTIONS = 3
 FREE_CHECK_SECONDS = 0.5
 FULL_SLACK = 1024 * 1024  # an I/O error with less free space than this counts as a full disk
@@ -90,6 +101,7 @@ class SqliteStore(BatchedWrites):
         )
         self._w: sqlite3.Connection | None = None
         self._min_free = config.storage.min_free_bytes
+        self._quota = Quota(config.limits.max_stored_bytes_per_user, config.limits.stored_bytes_per_user_per_minute)
         self._free = 1 << 62
         self._free_checked = -math.inf
         self._pool_send, self._pool_receive = trio.open_memory_channel[sqlite3.Connection](READ_CONNECTIONS)
@@ -267,8 +279,8 @@ class SqliteStore(BatchedWrites):
 
     def _w_event(self, c: sqlite3.Connection, now_ms: int, ev: NewEvent) -> EventResult:
         dev = c.execute(
-            "SELECT d.user_id, d.revoked_at, u.deleting FROM devices d JOIN users u ON u.user_id = d.user_id"
-            " WHERE d.device_id = ?",
+            "SELECT d.user_id, d.revoked_at, u.deleting, u.stored_bytes, u.quota_tokens, u.quota_at"
+            " FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = ?",
             (ev.device_id,),
         ).fetchone()
         if dev is None or dev[0] != ev.user_id or dev[1] is not None:
@@ -284,9 +296,13 @@ class SqliteStore(BatchedWrites):
         if known is not None:
             same_seq, conflict = known[1], known[0] != ev.event_id
             return EventResult(Outcome.CONFLICT if same_seq and conflict else Outcome.DUPLICATE)
+        bucket = self._quota.charge(dev[3], dev[4], dev[5], ev.payload_size, now_ms)
+        if bucket is None:
+            return EventResult(Outcome.QUOTA_EXCEEDED)
         (server_seq,) = c.execute(
-            "UPDATE users SET server_seq = server_seq + 1, last_activity = ? WHERE user_id = ? RETURNING server_seq",
-            (now_ms, ev.user_id),
+            "UPDATE users SET server_seq = server_seq + 1, last_activity = ?, stored_bytes = stored_bytes + ?,"
+            " quota_tokens = ?, quota_at = ? WHERE user_id = ? RETURNING server_seq",
+            (now_ms, ev.payload_size, *bucket, ev.user_id),
         ).fetchone()
         (stream_seq,) = c.execute(
             "INSERT INTO streams (user_id, stream_id, last_seq) VALUES (?, ?, 1)"
@@ -500,11 +516,11 @@ class SqliteStore(BatchedWrites):
         )
         row = c.execute(
             "SELECT p.user_id, p.display_name, p.email, p.avatar_url, p.preferences, p.onboarding_completed,"
-            " p.created_at, p.updated_at, coalesce(u.last_activity, p.updated_at)"
+            " p.created_at, p.updated_at, coalesce(u.last_activity, p.updated_at), coalesce(u.stored_bytes, 0)"
             " FROM profiles p LEFT JOIN users u ON u.user_id = p.user_id WHERE p.user_id = ?",
             (user_id,),
         ).fetchone()
-        return Profile(row[0], row[1], row[2], row[3], json.loads(row[4]), bool(row[5]), row[6], row[7], row[8])
+        return Profile(row[0], row[1], row[2], row[3], json.loads(row[4]), bool(row[5]), row[6], row[7], row[8], row[9])
 
     def _w_get_profile(self, c: sqlite3.Connection, now_ms: int, user_id: str) -> Profile:
         return self._profile(c, now_ms, user_id)
@@ -560,6 +576,17 @@ class SqliteStore(BatchedWrites):
         finally:
             # an abandoned thread may still use ``conn``: put a fresh connection in its place
             self._pool_send.send_nowait(conn if done else self._connect(readonly=True))
+
+    async def inactive_users(self, before_ms: int, limit: int) -> list[str]:
+        def q(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "SELECT u.user_id FROM users u WHERE coalesce(u.last_activity, u.created_at) < ? AND NOT EXISTS"
+                " (SELECT 1 FROM devices d WHERE d.user_id = u.user_id AND d.revoked_at IS NULL) LIMIT ?",
+                (before_ms, limit),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(q)
 
     async def deleting_users(self) -> list[str]:
         return await self._read(lambda c: [r[0] for r in c.execute("SELECT user_id FROM users WHERE deleting = 1")])
@@ -677,6 +704,19 @@ def stored_row(e: StoredEvent) -> tuple[Any, ...]:
     )
 
 
+def split_script(script: str) -> list[str]:
+    """The statements of a schema script (complete per sqlite3.complete_statement, triggers included)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if not current and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
 def migrate(c: sqlite3.Connection) -> None:
     """Create or upgrade the schema; refuse a database written by a newer release."""
     has_meta = c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
@@ -690,9 +730,20 @@ def migrate(c: sqlite3.Connection) -> None:
         )
     if version < SCHEMA_VERSION:
         script = resources.files(__package__).joinpath("sqlite_schema.sql").read_text()
-        c.executescript(script)
-        c.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (str(SCHEMA_VERSION),),
-        )
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            if has_meta:  # an existing database: its upgrade steps, then whatever the script adds
+                for step in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    for sql in UPGRADES[step]:
+                        c.execute(sql)
+            for statement in split_script(script):
+                c.execute(statement)
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise

@@ -1,4 +1,4 @@
--- PocketBridge embedded store, schema version 1 (SQLite). The PostgreSQL schema is /schema.sql.
+-- PocketBridge embedded store, schema version 2 (SQLite). The PostgreSQL schema is /schema.sql.
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -9,7 +9,10 @@ CREATE TABLE IF NOT EXISTS users (
     created_at    INTEGER NOT NULL,
     server_seq    INTEGER NOT NULL DEFAULT 0 CHECK (server_seq >= 0),
     deleting      INTEGER NOT NULL DEFAULT 0,
-    last_activity INTEGER
+    last_activity INTEGER,
+    stored_bytes  INTEGER NOT NULL DEFAULT 0,  -- payload bytes of the user's stored events (the quota)
+    quota_tokens  REAL,                        -- the bytes-per-minute bucket: bytes available at quota_at
+    quota_at      INTEGER
 );
 
 CREATE TABLE IF NOT EXISTS devices (
@@ -104,3 +107,8 @@ CREATE TABLE IF NOT EXISTS pairing_failures (
 );
 CREATE INDEX IF NOT EXISTS pairing_failures_at ON pairing_failures (at);
 CREATE INDEX IF NOT EXISTS pairing_failures_peer ON pairing_failures (peer, at);
+
+-- Every deletion of an event (purge, account deletion) gives its bytes back to the user's quota.
+CREATE TRIGGER IF NOT EXISTS events_release_quota AFTER DELETE ON events BEGIN
+    UPDATE users SET stored_bytes = max(0, stored_bytes - OLD.payload_size) WHERE user_id = OLD.user_id;
+END;
