@@ -253,6 +253,7 @@ class WsConfig:
     upgrade_timeout: float = _secs(10)
     max_handshake_message_bytes: int = _int(64 * 1024)
     max_fragments_per_message: int = _int(4096)
+    max_pending_connections: int = _int(1024)
 
 
 @_section
@@ -276,7 +277,6 @@ class LimitsConfig:
     event_burst_per_user: int = _int(1000)
     scratchpad_per_connection_per_second: int = _int(20)
     clock_skew: float = _secs(300)
-    max_pending_handshakes: int = _int(1024)
     ipv6_prefix: int = _key(_Rule("an integer 32-128", lambda v: _is_int(v) and 32 <= v <= 128, parse=int), 64)
     max_stored_bytes_per_user: int = _int(1024 * _MiB, minimum=0)
     stored_bytes_per_user_per_minute: int = _int(256 * _MiB, minimum=0)

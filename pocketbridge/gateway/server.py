@@ -76,6 +76,8 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
             WSConnection(ConnectionType.SERVER),
             message_queue_size=1,
             max_message_size=cfg.max_message_bytes,
+            handshake_message_size=cfg.max_handshake_message_bytes,
+            max_fragments=cfg.max_fragments_per_message,
             receive_buffer_size=RECEIVE_BUFFER,
         )
         nursery.start_soon(ws._reader_task)
@@ -134,6 +136,7 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
             try:
                 with span("ws.handshake"), trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
                     device, wire_device_id = await perform_handshake(gw, conn)
+                    ws.handshake_done()  # the device proved its key: [ws] max_message_bytes from now on
                     session = Session(gw, conn, device, wire_device_id, outer)
                     await session.establish()
                 if handshake_scope.cancelled_caught:

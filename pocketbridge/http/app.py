@@ -31,6 +31,7 @@ CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Content-Type, Authorization, X-PB-Device-ID, X-PB-Timestamp, X-PB-Signature, X-Request-ID, X-User-ID"
 CORS_EXPOSE = "X-Request-ID, Retry-After"
 READY_CACHE_SECONDS = 5.0
+SERVICE_UNAVAILABLE_RETRY_AFTER = 5  # seconds, while the store is unreachable
 PROBE_TIMEOUT = 3.0
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format generate_latest writes
@@ -47,6 +48,8 @@ def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
 def error_response(code: str, text: str | None = None, retry_after: int | None = None) -> Response:
     status, default = HTTP_ERRORS[code]
     body = {"error": text or default, "code": code, "request_id": getattr(g, "request_id", None) or request_id(None)}
+    if retry_after is None and code == "SERVICE_UNAVAILABLE":
+        retry_after = SERVICE_UNAVAILABLE_RETRY_AFTER  # every 503 tells clients when to retry (§10.1)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
     if status in (413, 415):
         headers["Connection"] = "close"  # the body was not read; the connection cannot be reused
@@ -69,9 +72,9 @@ class Readiness:
     async def services(self, fresh: bool = False) -> dict[str, str]:
         if fresh or trio.current_time() - self._checked_at > READY_CACHE_SECONDS:
             store = self._gw.store
-            database = store.write_failing or await self._probe(store.ping)  # writes failing: say so
-            if database == "connected" and store.space_low():
-                database = "storage_low"
+            database = await self._probe(store.ping)
+            if database == "connected" or store.write_failing == "storage_full":  # reads work: say if writes do not
+                database = store.write_failing or ("storage_low" if store.space_low() else database)
             self._services = {"database": database, "bus": await self._probe(self._gw.bus.ping)}
             self._checked_at = trio.current_time()
         return self._services

@@ -113,7 +113,8 @@ def text_and_binary(cases: dict[str, str | bytes]) -> dict[str, str | bytes]:
 @pytest.fixture
 async def big_server(config_factory: Callable[..., Config]) -> AsyncIterator[Running]:
     """Default message size: the deep-nesting cases are 200-400 KB."""
-    async with run_daemon(e2e_config(config_factory)) as (_, running):
+    config = e2e_config(config_factory, ws={"max_handshake_message_bytes": 1024 * 1024})
+    async with run_daemon(config) as (_, running):
         yield running
         await assert_relay_works(running.ws_url)
 

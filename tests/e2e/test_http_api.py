@@ -22,7 +22,7 @@ from tests.e2e.httpclient import assert_error, http_client, register, signed, wa
 T = 5  # seconds: every wait is bounded
 DEVICE_INFO_KEYS = {"device_id", "device_name", "device_type", "is_online", "last_seen", "registered_at", "is_current"}
 PROFILE_KEYS = {"user_id", "display_name", "email", "avatar_url", "preferences", "onboarding_completed",
-                "created_at", "updated_at", "last_seen"}
+                "created_at", "updated_at", "last_seen", "storage"}  # storage: the quota (§10.3)
 ADMIN_KEY = "k" * 40
 GONE_TEXT = ("Pairing over REST has been removed. Pair devices over the WebSocket with initiate_pairing and "
              "complete_pairing.")

@@ -59,9 +59,10 @@ def test_defaults_match_spec() -> None:
         "upgrade_timeout": 10,
         "max_handshake_message_bytes": 64 * 1024,
         "max_fragments_per_message": 4096,
+        "max_pending_connections": 1024,
     }
     assert (c.session.ttl, c.session.warning_before, c.events.max_payload_bytes) == (86_400, 300, 10 * MiB)
-    assert attrs.astuple(c.limits) == (5, 50, 60, 30, 1000, 1000, 20, 300, 1024, 64, 1024 * MiB, 256 * MiB)
+    assert attrs.astuple(c.limits) == (5, 50, 60, 30, 1000, 1000, 20, 300, 64, 1024 * MiB, 256 * MiB)
     assert attrs.astuple(c.replay) == (100, 1000, 8 * MiB, 10_000, 3600)
     assert attrs.astuple(c.pairing) == (300, 10, 5, 20, 60)
     assert attrs.astuple(c.retention) == (90, 90, 3600, 0)  # event_days, audit_days, purge_interval, inactive_user_days
