@@ -141,6 +141,13 @@ def _trusted(address: Address, trusted: Sequence[IPv4Network | IPv6Network]) -> 
     return any(address in net for net in trusted)
 
 
+def is_trusted_proxy(socket_peer: str, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether the socket's peer is one of ``[server] trusted_proxies`` (its clients are keyed by
+    ``X-Forwarded-For``, known only after the HTTP upgrade)."""
+    peer = parse_address(socket_peer)
+    return peer is not None and bool(trusted) and _trusted(peer, trusted)
+
+
 def peer_address(
     socket_peer: str,
     forwarded_for: Sequence[str],

@@ -17,6 +17,7 @@ from ..limits import Counter, KeyedBuckets, carry_over, parse_networks
 from ..metrics import Metrics
 from ..protocol.handshake import ServerIdentity
 from ..store import Store
+from .admission import AcceptGate
 
 
 @attrs.define
@@ -91,6 +92,7 @@ class Gateway:
     draining: bool = False  # set when an orderly stop begins; readiness answers 503
     connections: set[Any] = attrs.field(factory=set)  # every open WebSocket connection here
     stop_accepting: Callable[[], None] = lambda: None  # set by the listener
+    gate: AcceptGate = attrs.field(factory=lambda: AcceptGate(1024, 1 << 30))  # replaced by the listener
     http_done: trio.Event = attrs.field(factory=trio.Event)  # set when the HTTP server has stopped
 
     def __attrs_post_init__(self) -> None:

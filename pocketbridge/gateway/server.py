@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -24,10 +25,11 @@ from ..errors import (
     ProtocolClose,
     StoreUnavailable,
 )
-from ..limits import peer_address
+from ..limits import is_trusted_proxy, peer_address
 from ..logs import request_id_var
 from ..protocol.envelope import parse_frame
 from ..tracing import span
+from .admission import AcceptGate, raise_fd_limit, ws_fd_budget
 from .connection import FRAME_ERRORS, Connection, Socket
 from .context import Gateway
 from .handshake import perform_handshake
@@ -36,6 +38,9 @@ from .session import Session
 log = logging.getLogger("pocketbridge.gateway")
 
 RECEIVE_BUFFER = 4096
+REFUSED_AT_ACCEPT = (
+    b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 60\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
 TICK = 1.0  # seconds between session timer checks
 # The bounded label set of pocketbridge_handshakes_total (besides "ok" and "invalid").
 HANDSHAKE_OUTCOMES = {
@@ -68,8 +73,57 @@ async def handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
 
 
 async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
-    """HTTP upgrade on /ws, per-address admission, then the WebSocket session, in one nursery."""
+    """Admission from ``accept`` (per address, pending cap, descriptors), the HTTP upgrade on /ws with
+    its own short timeout, then the WebSocket session, in one nursery. From accept to the end of the
+    handshake a connection has ``[ws] handshake_timeout`` in all."""
     cfg = gw.config.ws
+    deadline = trio.current_time() + cfg.handshake_timeout
+    limits = gw.limits
+    socket_peer = _peer(stream)
+    gate = gw.gate
+    gate.max_pending = cfg.max_pending_connections
+    with trio.CancelScope() as whole:
+        token = object()
+        refused = gate.admit(token, whole.cancel)
+        if refused is not None:
+            gw.metrics.rate_limited.labels(refused).inc()
+            await _refuse_at_accept(stream)
+            return
+        counted: str | None = None
+        try:
+            if not is_trusted_proxy(socket_peer, limits.trusted_proxies):
+                # counted from accept: silent sockets count too (behind a trusted proxy, by the forwarded address)
+                key = peer_address(socket_peer, (), (), gw.config.limits.ipv6_prefix)
+                if limits.connections_per_ip.get(key) >= gw.config.limits.ws_connections_per_ip:
+                    gw.metrics.rate_limited.labels("ws_connections_per_ip").inc()
+                    audit(gw, "rate_limited", peer=key, detail="ws_connections_per_ip")
+                    await _refuse_at_accept(stream)
+                    return
+                limits.connections_per_ip.add(key)
+                counted = key
+            await _upgrade_and_serve(gw, stream, token, deadline, counted is None)
+        finally:
+            if counted is not None:
+                limits.connections_per_ip.remove(counted)
+            gate.release(token)
+    if whole.cancelled_caught:
+        gw.metrics.rate_limited.labels("max_pending_connections").inc()
+
+
+async def _refuse_at_accept(stream: trio.SocketStream) -> None:
+    """Answer 429 without reading anything and close: the connection costs nothing more."""
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(REFUSED_AT_ACCEPT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _upgrade_and_serve(
+    gw: Gateway, stream: trio.SocketStream, token: object, deadline: float, count_forwarded: bool
+) -> None:
+    cfg = gw.config.ws
+    limits = gw.limits
     async with trio.open_nursery() as nursery:
         ws = Socket(
             stream,
@@ -82,7 +136,7 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
         )
         nursery.start_soon(ws._reader_task)
         request: WebSocketRequest | None = None
-        with trio.move_on_after(cfg.handshake_timeout):
+        with trio.move_on_at(min(deadline, trio.current_time() + cfg.upgrade_timeout)):
             request = await ws._get_request()
         if request is None:
             nursery.cancel_scope.cancel()
@@ -92,11 +146,10 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
                 await request.reject(404)
                 return
             forwarded = [v.decode("latin-1") for k, v in request.headers if k.lower() == b"x-forwarded-for"]
-            peer = peer_address(_peer(stream), forwarded, gw.limits.trusted_proxies)
+            peer = peer_address(_peer(stream), forwarded, limits.trusted_proxies, gw.config.limits.ipv6_prefix)
             await request.accept()
             ws.forget_handshake()
-            limits = gw.limits
-            over = limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
+            over = count_forwarded and limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
             if over or not limits.connects_per_ip.take(peer):
                 limit = "ws_connections_per_ip" if over else "ws_connects_per_ip"
                 gw.metrics.rate_limited.labels(limit).inc()
@@ -104,18 +157,24 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
                 with trio.move_on_after(cfg.close_timeout):
                     await ws.aclose(TOO_MANY_CONNECTIONS.code, TOO_MANY_CONNECTIONS.reason)
                 return
-            limits.connections_per_ip.add(peer)
+            if count_forwarded:
+                limits.connections_per_ip.add(peer)
             try:
-                await serve_websocket(gw, ws, peer, nursery)
+                await serve_websocket(gw, ws, peer, nursery, deadline=deadline,
+                                      on_established=lambda: gw.gate.established(token))
             finally:
-                limits.connections_per_ip.remove(peer)
+                if count_forwarded:
+                    limits.connections_per_ip.remove(peer)
         except ConnectionClosed:
             pass
         finally:
             nursery.cancel_scope.cancel()
 
 
-async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nursery) -> None:
+async def serve_websocket(
+    gw: Gateway, ws: Socket, peer: str, outer: trio.Nursery, *, deadline: float | None = None,
+    on_established: Callable[[], None] = lambda: None,
+) -> None:
     """The WebSocket session of one connection: the message loop runs here, inside the connection's
     cancel scope; its writer (and any gap filler) run in ``outer``, the connection's nursery."""
     cfg = gw.config.ws
@@ -134,9 +193,12 @@ async def serve_websocket(gw: Gateway, ws: Socket, peer: str, outer: trio.Nurser
         with trio.CancelScope() as scope:
             conn.bind(scope)
             try:
-                with span("ws.handshake"), trio.move_on_after(cfg.handshake_timeout) as handshake_scope:
+                if deadline is None:
+                    deadline = trio.current_time() + cfg.handshake_timeout
+                with span("ws.handshake"), trio.move_on_at(deadline) as handshake_scope:
                     device, wire_device_id = await perform_handshake(gw, conn)
                     ws.handshake_done()  # the device proved its key: [ws] max_message_bytes from now on
+                    on_established()  # no longer pending: never shed
                     session = Session(gw, conn, device, wire_device_id, outer)
                     await session.establish()
                 if handshake_scope.cancelled_caught:
@@ -191,6 +253,10 @@ async def serve_gateway(gw: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNO
     closes the listener (trio's accept loop backs off on EMFILE rather than dying); this returns
     once every connection has finished."""
     host, port = gw.config.ws_address()
+    soft, hard = raise_fd_limit()
+    gw.gate = AcceptGate(gw.config.ws.max_pending_connections, ws_fd_budget(soft))
+    log.info("open-file limit %d (hard %d): at most %d WebSocket connections, %d before their handshake",
+             soft, hard, gw.gate.max_open, gw.gate.max_pending)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as connections:

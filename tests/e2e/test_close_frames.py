@@ -218,7 +218,7 @@ async def revoked_at_handshake(ctx: Ctx) -> WireSocket:
     return await _auth(await ctx.open(), key, device_id)
 
 
-async def too_many_connections(ctx: Ctx) -> WireSocket:  # with ws_connections_per_ip = 1
+async def too_many_connections(ctx: Ctx) -> WireSocket:  # with ws_connects_per_ip_per_minute = 1
     await ctx.open()
     return await ctx.open()
 
@@ -337,7 +337,7 @@ CASES: dict[str, Case] = {
     "revoked-at-handshake": Case(revoked_at_handshake, (1008, "Device has been revoked")),
     "too-many-connections": Case(too_many_connections,
                                  (1008, "Too many connection attempts. Please try again later."),
-                                 config={"limits": {"ws_connections_per_ip": 1}}),
+                                 config={"limits": {"ws_connects_per_ip_per_minute": 1}}),
     "too-many-handshakes": Case(too_many_handshakes, (1008, "Too many handshake attempts. Please try again later."),
                                 config={"limits": {"handshakes_per_ip_per_minute": 1}}),
     "sequence-conflict": Case(sequence_conflict, (1008, "Device sequence conflict")),
