@@ -448,7 +448,14 @@ _RELATIONS = (
     ("events", "max_payload_bytes", operator.lt, "ws", "max_message_bytes"),
     ("replay", "default_page_size", operator.le, "replay", "max_page_size"),
     ("drain", "window", operator.lt, "drain", "deadline"),
+    ("replay", "max_page_bytes", operator.le, "ws", "send_queue_bytes"),  # a replay page must fit the queue
 )
+RELAYED_EVENT_OVERHEAD = 64 * 1024  # envelope and metadata of one relayed event, beyond its base64 payload
+
+
+def relayed_event_bytes(max_payload_bytes: int) -> int:
+    """The largest encoded event the server may have to queue for one receiver."""
+    return -(-max_payload_bytes // 3) * 4 + RELAYED_EVENT_OVERHEAD
 _OP_TEXT = {operator.lt: "less than", operator.le: "at most"}
 
 
@@ -511,6 +518,12 @@ def _build(raw: Mapping[str, Any], problems: list[str]) -> Config:
                 problems.append(
                     f"[{sec}] {key} = {value!r}: must be {_OP_TEXT[op]} [{other_sec}] {other_key} ({other!r})"
                 )
+    ws, events = sections.get("ws"), sections.get("events")
+    if ws and events and ws.send_queue_bytes < relayed_event_bytes(events.max_payload_bytes):
+        problems.append(
+            f"[ws] send_queue_bytes = {ws.send_queue_bytes}: must hold one relayed event of [events]"
+            f" max_payload_bytes ({events.max_payload_bytes}), at least {relayed_event_bytes(events.max_payload_bytes)}"
+        )
     storage = sections.get("storage")
     if storage and storage.backend == "postgres" and not storage.dsn:
         problems.append("[storage] dsn = '': must be set when [storage] backend = 'postgres'")
