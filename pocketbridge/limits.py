@@ -108,18 +108,23 @@ UNKNOWN_PEER = "unknown"  # the key of a forwarded address that cannot be parsed
 Address = IPv4Address | IPv6Address
 
 
+def _is_port(text: str) -> bool:
+    """0-65535 in ASCII digits (``str.isdigit`` alone would take other scripts' digits and any length)."""
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit() and int(text) <= 65535
+
+
 def parse_address(text: str) -> Address | None:
     """An address as a socket or an ``X-Forwarded-For`` entry gives it: bare, ``[v6]``, ``v4:port``
-    or ``[v6]:port``; IPv4-mapped IPv6 is IPv4. None if it is none of these."""
+    or ``[v6]:port``; IPv4-mapped IPv6 is IPv4. None if it is none of these (a port out of range included)."""
     text = text.strip()
     host = text
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+        if not sep or (rest and not (rest.startswith(":") and _is_port(rest[1:]))):
             return None
     elif text.count(":") == 1:
         host, _, port = text.partition(":")
-        if not port.isdigit():
+        if not _is_port(port):
             return None
     try:
         address = ip_address(host)

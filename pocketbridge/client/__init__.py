@@ -27,15 +27,13 @@ import attrs
 import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from ..protocol.envelope import encode
 from ..protocol.handshake import digest_c, digest_s
+from ..protocol.keys import load_public_key
 
 __all__ = [
     "Ack",
@@ -200,7 +198,7 @@ class Client:
         if pin is not None and server_pub.lower() != pin.lower():
             raise ServerKeyMismatch("the server identity key is not the pinned one")
         try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(server_pub)).verify(
+            load_public_key(server_pub).verify(
                 bytes.fromhex(hello["server_signature"]), digest_s(server_pub, server_eph, nonce_c, nonce_s)
             )
         except (InvalidSignature, ValueError):

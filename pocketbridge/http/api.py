@@ -24,6 +24,7 @@ from ..protocol.auth import (
     presented_admin_key,
 )
 from ..protocol.envelope import is_hex, is_uuid4
+from ..protocol.handshake import device_name_has_invalid_chars
 from ..store import Device, Rename, Unrevoke
 from .app import charge, error_response, json_response
 from .auth import Caller, authenticate, verify_bearer
@@ -64,7 +65,7 @@ async def _json_body() -> dict[str, Any]:
     raw = await request.get_data(cache=True)
     try:
         body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; too deep nesting is invalid too
         raise ApiError("INVALID_JSON") from None
     if not isinstance(body, dict):
         raise ApiError("INVALID_JSON")
@@ -180,7 +181,7 @@ def register(app: QuartTrio, gw: Gateway) -> None:
         if not isinstance(name, str) or not 1 <= len(name.strip()) <= 50:
             raise ApiError("INVALID_DEVICE_NAME")
         name = name.strip()
-        if _bad_chars(name):
+        if device_name_has_invalid_chars(name):  # the handshake's rule (§3.6), strict here
             raise ApiError("INVALID_DEVICE_NAME", "Device name contains invalid characters")
         outcome = await store.rename_device(caller.user_id, target, name)
         if outcome is Rename.NOT_FOUND:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from ipaddress import ip_address
 from typing import Any
 
 import trio
@@ -16,6 +17,7 @@ from prometheus_client import generate_latest
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from .. import __version__
 from ..audit import audit
@@ -33,8 +35,18 @@ CORS_EXPOSE = "X-Request-ID, Retry-After"
 READY_CACHE_SECONDS = 5.0
 SERVICE_UNAVAILABLE_RETRY_AFTER = 5  # seconds, while the store is unreachable
 PROBE_TIMEOUT = 3.0
-LOOPBACK = ("127.", "::1", "::ffff:127.")
+LOOPBACK = ("127.", "::1", "::ffff:127.")  # unused here (see is_loopback); still imported by tests/unit/test_limits.py
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format generate_latest writes
+
+
+def is_loopback(peer: str) -> bool:
+    """Whether a peer key (:func:`peer_address`) is a loopback address. The key of a loopback address is the
+    address itself; anything else (an IPv6 prefix, ``unknown``, text that is no address) is not loopback."""
+    try:
+        address = ip_address(peer)
+    except ValueError:
+        return False
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
 
 
 def charge(gw: Gateway, bucket: KeyedBuckets, key: str, name: str) -> None:
@@ -102,6 +114,7 @@ HINTS = {
 
 def create_app(gw: Gateway) -> QuartTrio:
     app = QuartTrio("pocketbridge")
+    app.url_map.merge_slashes = False  # no 308 to the merged path (see before()); set before any rule is added
     app.config["MAX_CONTENT_LENGTH"] = gw.config.http.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     readiness = Readiness(gw)
@@ -111,6 +124,10 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def before() -> Response | None:
         g.request_id = request_id(request.headers.get("X-Request-ID"))
         request_id_var.set(g.request_id)
+        # A path with an empty segment ("//health", "/api//devices") is no route: werkzeug would serve it as the
+        # path with the slashes merged (leading ones) or redirect to an absolute URL built from the Host header.
+        if "//" in request.scope.get("path", "") or isinstance(request.routing_exception, RequestRedirect):
+            raise ApiError("NOT_FOUND")
         client = request.scope.get("client") or ("unknown", 0)
         g.peer = peer_address(client[0], request.headers.getlist("X-Forwarded-For"), gw.limits.trusted_proxies,
                               gw.config.limits.ipv6_prefix)
@@ -187,7 +204,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        if gw.config.listen.metrics or not str(g.peer).startswith(LOOPBACK):
+        if gw.config.listen.metrics or not is_loopback(g.peer):
             raise ApiError("NOT_FOUND")
         return Response(generate_latest(gw.metrics.registry), content_type=METRICS_CONTENT_TYPE)
 

@@ -17,6 +17,7 @@ from ..protocol.auth import (
     verify_jwt,
     verify_pb1,
 )
+from ..protocol.keys import key_is_acceptable
 from ..store import Device
 
 PB1_HEADERS = ("x-pb-device-id", "x-pb-timestamp", "x-pb-signature")
@@ -48,7 +49,8 @@ async def authenticate(
         if claims is None:
             raise ApiError("INVALID_TOKEN")
         device = await _device(gw, claims.device_id)
-        if device is None or device.revoked_at is not None or device.user_id != claims.user_id:
+        if (device is None or device.revoked_at is not None or device.user_id != claims.user_id
+                or not key_is_acceptable(bytes.fromhex(device.bound_key))):  # a token issued before §2's key check
             raise ApiError("INVALID_TOKEN")
         return Caller(device, "bearer")
     raise ApiError("AUTH_REQUIRED")

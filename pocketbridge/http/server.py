@@ -14,6 +14,11 @@ from hypercorn.trio import serve
 from ..gateway.context import Gateway
 from .app import create_app, create_metrics_app
 
+log = logging.getLogger("pocketbridge.http")
+RESTART_DELAY = 0.1  # seconds before a failed HTTP listener is started again
+MAX_REQUEST_HEAD = 16 * 1024  # bytes: an HTTP/1.1 request head still incomplete past this is refused
+MAX_H2_HEADER_LIST = 64 * 1024  # bytes: what the h2 library enforces on an HTTP/2 header list whatever is advertised
+
 
 def _hypercorn_config(bind: tuple[str, int], gw: Gateway) -> HypercornConfig:
     host, port = bind
@@ -24,7 +29,45 @@ def _hypercorn_config(bind: tuple[str, int], gw: Gateway) -> HypercornConfig:
     cfg.graceful_timeout = gw.config.drain.window
     cfg.keep_alive_timeout = 30
     cfg.include_server_header = False
+    # hypercorn has no switch to turn off cleartext HTTP/2 (prior knowledge, or Upgrade: h2c): bound it like
+    # HTTP/1.1 instead, one request at a time per connection; the body limit and rate limits are the app's
+    cfg.h11_max_incomplete_size = MAX_REQUEST_HEAD
+    cfg.h2_max_concurrent_streams = 1
+    cfg.h2_max_header_list_size = MAX_H2_HEADER_LIST
     return cfg
+
+
+async def _serve_supervised(
+    app: Any, cfg: HypercornConfig, shutdown: Callable[[], Awaitable[None]], *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """hypercorn's ``serve``, started again on the same address if a connection's error ends it.
+
+    hypercorn 0.18 lets some malformed HTTP/2 input (cleartext HTTP/2 cannot be turned off through its
+    public API) raise out of its server; that must cost the requests in flight on this listener, never
+    the daemon."""
+    started = False
+    while True:
+        try:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(partial(serve, app, cfg, shutdown_trigger=shutdown))
+                if not started:
+                    started = True
+                    # a restart binds the same port, even when the configured one was 0 (ephemeral)
+                    cfg.bind = [binds[0].split("://", 1)[-1]]
+                    task_status.started(binds)
+            return  # an orderly shutdown
+        except Exception as exc:
+            if not started:
+                raise
+            log.warning("the HTTP listener failed (%s); restarting it", _describe(exc))
+            await trio.sleep(RESTART_DELAY)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(_describe(e) for e in exc.exceptions)
+    return type(exc).__name__
 
 
 async def serve_http(
@@ -37,15 +80,13 @@ async def serve_http(
     try:
         async with trio.open_nursery() as nursery:
             app_config = _hypercorn_config(gw.config.http_address(), gw)
-            binds = await nursery.start(partial(serve, create_app(gw), app_config, shutdown_trigger=shutdown))
+            binds = await nursery.start(_serve_supervised, create_app(gw), app_config, shutdown)
             http_port = int(binds[0].rsplit(":", 1)[1])
             metrics_port = None
             metrics_address = gw.config.metrics_address()
             if metrics_address is not None:
                 metrics_config = _hypercorn_config(metrics_address, gw)
-                mbinds = await nursery.start(
-                    partial(serve, create_metrics_app(gw), metrics_config, shutdown_trigger=shutdown)
-                )
+                mbinds = await nursery.start(_serve_supervised, create_metrics_app(gw), metrics_config, shutdown)
                 metrics_port = int(mbinds[0].rsplit(":", 1)[1])
             task_status.started((http_port, metrics_port))
     finally:

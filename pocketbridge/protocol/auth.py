@@ -13,13 +13,11 @@ from typing import Any, TypeGuard
 
 import attrs
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pocketbridge.protocol.envelope import is_hex, is_uuid4
 from pocketbridge.protocol.handshake import ServerIdentity
+from pocketbridge.protocol.keys import load_public_key
 
 EMPTY_BODY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 JWT_ISSUER = "pocketbridge"
@@ -84,7 +82,7 @@ def verify_pb1(bound_key_hex: str, headers: PB1Headers, method: str, path_with_q
     if not (is_hex(bound_key_hex, 64) and is_hex(headers.signature, 128)):
         return False
     try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(bound_key_hex))
+        key = load_public_key(bound_key_hex)  # a small-order or non-canonical key fails too (§2)
         message = pb1_string(method, path_with_query, headers.timestamp, headers.device_id, body)
         key.verify(bytes.fromhex(headers.signature), message)
     except (ValueError, InvalidSignature):  # UnicodeEncodeError is a ValueError
@@ -159,7 +157,7 @@ def verify_jwt(server_public_hex: str, token: str, *, now_s: int, skew_s: int) -
     if header is None or header.get("alg") != "EdDSA":
         return None
     try:
-        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(server_public_hex))
+        key = load_public_key(server_public_hex)
         key.verify(signature, (parts[0] + "." + parts[1]).encode("ascii"))
     except (ValueError, InvalidSignature):
         return None

@@ -12,21 +12,21 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from pocketbridge.errors import INVALID_SIGNATURE, ProtocolClose, missing_or_invalid
 from pocketbridge.protocol.envelope import Message, is_hex, is_uuid4
+from pocketbridge.protocol.keys import load_public_key
 
 DEVICE_TYPES = frozenset({"mobile", "desktop", "web"})
 MAX_DEVICE_NAME = 50
 TOKEN_KEY_INFO = b"pocketbridge continuation-token v1"
 _SESSION_INFOS = (b"pocketbridge_client_to_server_v1", b"pocketbridge_server_to_client_v1", b"pocketbridge_session_v1")
-_NAME_DROP_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff<>]")  # Unicode Cc and Cs, and markup
+# Unicode Cc and Cs, the bidirectional controls (they reorder what a UI shows: "gpj.exe" displayed as "exe.jpg"),
+# and markup. Other format characters stay: ZWJ (U+200D) joins emoji sequences.
+_NAME_DROP_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069<>]")
 _NUMBERED_RE = re.compile(r"(.*) \(([0-9]+)\)", re.DOTALL)
 _AUTH_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
     ("user_id", lambda v: is_hex(v, 64)),
@@ -114,10 +114,16 @@ def parse_client_auth(msg: Message) -> ClientAuth:
 
 # --- device names (§3.6) ---------------------------------------------------------------------------
 def sanitize_device_name(name: object) -> str | None:
-    """The lenient handshake rule: drop Cc/Cs and ``<>``, trim, cut to 50 code points, trim; empty → None."""
+    """The lenient handshake rule: drop Cc/Cs, bidi controls and ``<>``, trim, cut to 50 code points, trim;
+    empty → None."""
     if not isinstance(name, str):
         return None
     return _NAME_DROP_RE.sub("", name).strip()[:MAX_DEVICE_NAME].strip() or None
+
+
+def device_name_has_invalid_chars(name: str) -> bool:
+    """The strict rule of the REST rename (§10.3): whether ``name`` has a character the handshake would drop."""
+    return _NAME_DROP_RE.search(name) is not None
 
 
 def dedupe_device_name(name: str, taken: Collection[str]) -> str:
@@ -246,7 +252,7 @@ class ServerHandshake:
         """Check ``client_signature`` over digest_c with ``user_id`` as the key (§3.5 check 6)."""
         digest = digest_c(auth.user_id, auth.device_id, self._hello.nonce_c, self.nonce_s, self.server_ephemeral_pub)
         try:
-            key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(auth.user_id))
+            key = load_public_key(auth.user_id)  # a small-order or non-canonical key fails too (§2)
             key.verify(bytes.fromhex(auth.client_signature), digest)
         except (ValueError, InvalidSignature):
             raise ProtocolClose(INVALID_SIGNATURE) from None

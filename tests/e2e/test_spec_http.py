@@ -69,8 +69,6 @@ SMALL_ORDER_KEYS = {"identity": "01" + "00" * 31, "identity non-canonical": "ee"
 FORGED_SIGNATURE = "01" + "00" * 63
 
 
-@pytest.mark.xfail(strict=True, reason="bug: small-order and non-canonical Ed25519 keys are accepted at the handshake "
-                   "(protocol/handshake.py verifies with OpenSSL's cofactorless check only); §2 says they are refused")
 async def test_small_order_keys_are_refused_at_the_handshake(tmp_path: Path) -> None:
     """§2: a key that is not a canonical encoding of a point, or is of small order, is refused wherever a key is
     accepted: anyone can sign for it. Here a signature nobody needed a private key for must not register."""

@@ -389,7 +389,10 @@ def test_dedupe_device_name(name: str, taken: list[str], expected: str) -> None:
 
 
 def _reference_sanitize(name: str) -> str | None:
-    kept = "".join(ch for ch in name if ch not in "<>" and unicodedata.category(ch) not in ("Cc", "Cs"))
+    bidi = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+    kept = "".join(
+        ch for ch in name if ch not in "<>" and unicodedata.category(ch) not in ("Cc", "Cs") and ord(ch) not in bidi
+    )
     return kept.strip()[:50].strip() or None
 
 
