@@ -35,7 +35,6 @@ CORS_EXPOSE = "X-Request-ID, Retry-After"
 READY_CACHE_SECONDS = 5.0
 SERVICE_UNAVAILABLE_RETRY_AFTER = 5  # seconds, while the store is unreachable
 PROBE_TIMEOUT = 3.0
-LOOPBACK = ("127.", "::1", "::ffff:127.")  # unused here (see is_loopback); still imported by tests/unit/test_limits.py
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format generate_latest writes
 
 

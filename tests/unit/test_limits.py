@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from pocketbridge.http.app import LOOPBACK
+from pocketbridge.http.app import is_loopback
 from pocketbridge.limits import (
     Counter,
     KeyedBuckets,
@@ -34,7 +34,7 @@ def key(socket_peer: str, *forwarded: str, trusted: tuple = PROXIES, **kw: int) 
 
 def is_loopback_key(value: str) -> bool:
     """How the HTTP side recognises a loopback peer (``/metrics`` is served to those only)."""
-    return value.startswith(LOOPBACK)
+    return is_loopback(value)
 
 
 # --- X-Forwarded-For and trusted proxies -----------------------------------------------------------------
