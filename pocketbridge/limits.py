@@ -58,6 +58,12 @@ class KeyedBuckets:
             self._buckets.popitem(last=False)
         return allowed
 
+    def give_back(self, key: str, cost: float = 1.0) -> None:
+        """Return ``cost`` tokens taken for an attempt that turned out not to count (capped at the burst)."""
+        if key in self._buckets:
+            tokens, stamp = self._buckets[key]
+            self._buckets[key] = (min(self._burst, tokens + cost), stamp)
+
     def retry_after(self, key: str, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens are available for ``key``."""
         return max(0.0, (cost - self.available(key)) / self._rate)

@@ -61,6 +61,13 @@ def _lock_out(session: Session) -> None:
     session.conn.close(PAIRING_LOCKOUT, _failed(LOCKOUT))
 
 
+def _not_a_failure(session: Session, peer: str) -> None:
+    """Give back what an attempt was charged in advance: only a wrong code counts (§7)."""
+    session.pairing_failures -= 1
+    session.gw.limits.pairing_failures_per_ip.give_back(peer)
+    session.gw.limits.pairing_failures.give_back(GLOBAL_KEY)
+
+
 def _deployment_lockout(session: Session) -> None:
     session.gw.metrics.rate_limited.labels("pairing_failures_deployment").inc()
     audit(session.gw, "rate_limited", actor=session.device_id, peer=session.conn.peer,
@@ -93,6 +100,7 @@ async def complete_pairing(session: Session, payload: Any) -> None:
             (cfg.max_failures_per_ip_per_hour, cfg.max_failures_per_minute),
         )
     except StoreUnavailable:
+        _not_a_failure(session, peer)  # nothing was tried
         session.conn.send(_failed(STORE_FAILED))
         return
     if result.outcome is Pairing.LOCKED_PEER:
@@ -106,7 +114,7 @@ async def complete_pairing(session: Session, payload: Any) -> None:
         if session.pairing_failures >= max_per_connection:
             _lock_out(session)
         return
-    session.pairing_failures -= 1
+    _not_a_failure(session, peer)
     if result.outcome is Pairing.USED:
         session.conn.send(_failed(NOT_FOUND))
         return

@@ -100,3 +100,20 @@ async def test_concurrent_wrong_guesses_never_pass_the_deployment_limit(
             outcomes = await guess_concurrently(urls, 40)
     assert recorded_failures(configs[0]) <= 12, outcomes
     assert sum("not found" in o for o in outcomes) <= 12, outcomes
+
+
+async def test_successful_pairings_are_not_counted_as_failures(tmp_path: Path) -> None:
+    """Only wrong codes count: more successful pairings from one address than its failure budget all work."""
+    config = make_config(tmp_path / "a", limits={**HIGH, "max_devices_per_user": 100},
+                         pairing={"max_failures_per_ip_per_hour": 3, "max_failures_per_minute": 3,
+                                  "initiations_per_device_per_hour": 100})
+    owner = DeviceKey.generate()
+    owner_device = new_device_id()
+    with trio.fail_after(60):
+        async with run_daemon(config) as (_, running), connect(running.ws_url, owner, owner_device) as a:
+            for _ in range(8):
+                code = (await a.initiate_pairing())["payload"]["code"]
+                async with connect(running.ws_url, DeviceKey.generate(), new_device_id()) as joiner:
+                    reply = await joiner.complete_pairing(code)
+                    assert reply["type"] == "pairing_completed", reply
+    assert recorded_failures(config) == 0
