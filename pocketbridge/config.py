@@ -322,6 +322,7 @@ class HttpConfig:
     token_requests_per_device_per_minute: int = _int(10)
     device_mutations_per_user_per_minute: int = _int(30)
     account_deletions_per_user_per_hour: int = _int(3)
+    keep_alive_timeout: float = _secs(30)
 
 
 @_section

@@ -27,7 +27,7 @@ def _hypercorn_config(bind: tuple[str, int], gw: Gateway) -> HypercornConfig:
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("pocketbridge.http.server")
     cfg.graceful_timeout = gw.config.drain.window
-    cfg.keep_alive_timeout = 30
+    cfg.keep_alive_timeout = gw.config.http.keep_alive_timeout
     cfg.include_server_header = False
     # hypercorn has no switch to turn off cleartext HTTP/2 (prior knowledge, or Upgrade: h2c): bound it like
     # HTTP/1.1 instead, one request at a time per connection; the body limit and rate limits are the app's
@@ -50,7 +50,7 @@ async def _serve_supervised(
     while True:
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, app, cfg, shutdown_trigger=shutdown))
+                binds = await nursery.start(partial(serve, closing_sends(app), cfg, shutdown_trigger=shutdown))
                 if not started:
                     started = True
                     # a restart binds the same port, even when the configured one was 0 (ephemeral)
@@ -62,6 +62,25 @@ async def _serve_supervised(
                 raise
             log.warning("the HTTP listener failed (%s); restarting it", _describe(exc))
             await trio.sleep(RESTART_DELAY)
+
+
+def closing_sends(app: Any) -> Any:
+    """The ASGI app with every ``send`` shielded from cancellation.
+
+    quart-trio cancels a request's tasks when its receive side sees ``http.disconnect``, which hypercorn
+    puts while the final body ``send`` is still closing the connection (``Connection: close``, or the
+    keep-alive bookkeeping): the cancellation cut that short and the socket was never closed, so every
+    connection that made a request stayed open for good. hypercorn already shields its socket writes, so
+    this adds no wait that could not be cancelled before."""
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        async def shielded_send(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, shielded_send)
+
+    return asgi
 
 
 def _describe(exc: BaseException) -> str:

@@ -66,7 +66,7 @@ def test_defaults_match_spec() -> None:
     assert attrs.astuple(c.replay) == (100, 1000, 8 * MiB, 10_000, 3600)
     assert attrs.astuple(c.pairing) == (300, 10, 5, 20, 60)
     assert attrs.astuple(c.retention) == (90, 90, 3600, 0)  # event_days, audit_days, purge_interval, inactive_user_days
-    assert attrs.astuple(c.http) == (3600, 65536, (), 60, 30, 120, 10, 30, 3)
+    assert attrs.astuple(c.http) == (3600, 65536, (), 60, 30, 120, 10, 30, 3, 30)
     assert attrs.astuple(c.admin) == ("", 60, 10)
     assert (c.log.level, c.log.format, c.drain.window, c.drain.deadline) == ("info", "auto", 10, 30)
     assert (c.tracing.exporter, c.tracing.service_name) == ("none", "pocketbridge")
