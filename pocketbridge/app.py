@@ -100,7 +100,8 @@ class Daemon:
             log.error("reload refused, keeping the running configuration:\n%s", describe_problems(exc))
             return []
         old = self.config
-        pending = [f"[{name}]" for name in fields_dict(Config) if name not in RELOADABLE and getattr(new, name) != getattr(old, name)]
+        pending = [f"[{name}]" for name in fields_dict(Config)
+                   if name not in RELOADABLE and getattr(new, name) != getattr(old, name)]
         pending += [f"[{sec}] {key}" for sec, key in RESTART_KEYS
                     if getattr(getattr(new, sec), key) != getattr(getattr(old, sec), key)]
         self.config = evolve(old, **{name: getattr(new, name) for name in RELOADABLE})
@@ -203,8 +204,7 @@ class Daemon:
         for i, conn in enumerate(connections):
             await trio.sleep_until(start + window * i / len(connections))
             conn.close(SHUTTING_DOWN, after_current=True)
-        while gw.connections:
-            await trio.sleep(0.02)
+        await gw.connections.wait_empty()
         # The HTTP listener answers (readiness 503 "draining") until the WebSockets are gone, so
         # load balancers see the drain; then it stops accepting and finishes its requests.
         self._http_shutdown.set()

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", "-c", metavar="FILE", help="TOML config file (default: $PB_CONFIG, else built-in defaults)")
+        p.add_argument("--config", "-c", metavar="FILE",
+                       help="TOML config file (default: $PB_CONFIG, else built-in defaults)")
         return p
 
     add("serve", "run the daemon").set_defaults(func=cmd_serve)

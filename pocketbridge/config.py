@@ -194,17 +194,16 @@ def _address(default: str, optional: bool = False) -> Any:
 # --- sections -------------------------------------------------------------------------------------------
 
 _MiB = 1024 * 1024
-_section = attrs.frozen(kw_only=True)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class ListenConfig:
     ws: str = _address("127.0.0.1:3001")
     http: str = _address("127.0.0.1:3002")
     metrics: str = _address("", optional=True)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class ServerConfig:
     data_dir: str = _text()
     identity_key_file: str = _text()
@@ -216,7 +215,7 @@ class ServerConfig:
     )
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class StorageConfig:
     backend: str = _choice("sqlite", "sqlite", "postgres")
     path: str = _text()
@@ -230,7 +229,7 @@ class StorageConfig:
     min_free_bytes: int = _int(256 * _MiB, minimum=0)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class BusConfig:
     backend: str = _choice("memory", "memory", "redis")
     url: str = _text(
@@ -240,7 +239,7 @@ class BusConfig:
     )
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class WsConfig:
     max_message_bytes: int = _int(16 * _MiB)
     handshake_timeout: float = _secs(30)
@@ -256,18 +255,18 @@ class WsConfig:
     max_pending_connections: int = _int(1024)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class SessionConfig:
     ttl: float = _secs(86_400, minimum=600)
     warning_before: float = _secs(300)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class EventsConfig:
     max_payload_bytes: int = _int(10 * _MiB)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class LimitsConfig:
     max_devices_per_user: int = _int(5)
     ws_connections_per_ip: int = _int(50)
@@ -282,7 +281,7 @@ class LimitsConfig:
     stored_bytes_per_user_per_minute: int = _int(256 * _MiB, minimum=0)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class ReplayConfig:
     default_page_size: int = _int(100)
     max_page_size: int = _int(1000)
@@ -291,7 +290,7 @@ class ReplayConfig:
     token_max_age: float = _secs(3600)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class PairingConfig:
     code_ttl: float = _secs(300)
     initiations_per_device_per_hour: int = _int(10)
@@ -300,7 +299,7 @@ class PairingConfig:
     max_failures_per_minute: int = _int(60)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class RetentionConfig:
     event_days: int = _int(90)
     audit_days: int = _int(90)
@@ -308,7 +307,7 @@ class RetentionConfig:
     inactive_user_days: int = _int(0, minimum=0)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class HttpConfig:
     bearer_token_ttl: float = _secs(3600)
     max_body_bytes: int = _int(64 * 1024)
@@ -325,26 +324,26 @@ class HttpConfig:
     keep_alive_timeout: float = _secs(30)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class AdminConfig:
     api_key: str = _text("", "empty or at least 32 characters", lambda v: not v or len(v) >= 32, secret=True)
     requests_per_ip_per_minute: int = _int(60)
     auth_failures_per_ip_per_minute: int = _int(10)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class LogConfig:
     level: str = _choice("info", "debug", "info", "warning", "error")
     format: str = _choice("auto", "auto", "json", "text")
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class DrainConfig:
     window: float = _secs(10)
     deadline: float = _secs(30)
 
 
-@_section
+@attrs.frozen(kw_only=True)
 class TracingConfig:
     exporter: str = _choice("none", "none", "otlp", "console")
     endpoint: str = _text(
@@ -436,11 +435,10 @@ def _rules(cls: type) -> dict[str, _Rule]:
 
 _converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 for _cls in SECTIONS.values():
+    _overrides: dict[str, Any] = {key: override(struct_hook=rule.structure) for key, rule in _rules(_cls).items()}
     _converter.register_structure_hook(
         _cls,
-        make_dict_structure_fn(
-            _cls, _converter, **{key: override(struct_hook=rule.structure) for key, rule in _rules(_cls).items()}
-        ),
+        make_dict_structure_fn(_cls, _converter, **_overrides),
     )
 
 # Cross-key rules: (section, key) must be <op> (other section, other key).

@@ -117,7 +117,8 @@ HTTP_ERRORS: dict[str, tuple[int, str]] = {
     "DEVICE_LIMIT": (409, "Device limit reached"),
     "GONE": (
         410,
-        "Pairing over REST has been removed. Pair devices over the WebSocket with initiate_pairing and complete_pairing.",
+        "Pairing over REST has been removed."
+        " Pair devices over the WebSocket with initiate_pairing and complete_pairing.",
     ),
     "PAYLOAD_TOO_LARGE": (413, "Request body too large"),
     "UNSUPPORTED_MEDIA_TYPE": (415, "Unsupported media type"),

@@ -6,6 +6,7 @@ Never label by user, device or error text.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import trio
@@ -38,16 +39,20 @@ def trio_task_count() -> float:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.info = Gauge("pocketbridge_info", "Always 1; labels name the version and instance", ["version", "instance"],
-                          registry=r)
+        self.info = Gauge(
+            "pocketbridge_info", "Always 1; labels name the version and instance", ["version", "instance"], registry=r
+        )
         self.connections_open = Gauge("pocketbridge_connections_open", "Open WebSocket connections", registry=r)
         self.sessions_open = Gauge("pocketbridge_sessions_open", "Established sessions on this instance", registry=r)
-        self.handshakes = Counter(
-            "pocketbridge_handshakes", "Handshakes by outcome", ["outcome"], registry=r
+        self.handshakes = Counter("pocketbridge_handshakes", "Handshakes by outcome", ["outcome"], registry=r)
+        self.closes = Counter(
+            "pocketbridge_closes", "Connections closed by the server, by close code", ["code"], registry=r
         )
-        self.closes = Counter("pocketbridge_closes", "Connections closed by the server, by close code", ["code"], registry=r)
         self.events = Counter(
-            "pocketbridge_events", "Client events by outcome (stored, duplicate, rejected, conflict)", ["outcome"], registry=r
+            "pocketbridge_events",
+            "Client events by outcome (stored, duplicate, rejected, conflict)",
+            ["outcome"],
+            registry=r,
         )
         self.events_relayed = Counter("pocketbridge_events_relayed", "Events relayed live to a connection", registry=r)
         self.delivery_latency = Histogram(
@@ -63,23 +68,36 @@ class Metrics:
         self.replay_failed = Counter("pocketbridge_replay_failed", "Replays that failed (store)", registry=r)
         self.invalid_tokens = Counter("pocketbridge_replay_invalid_tokens", "Continuation tokens ignored", registry=r)
         self.send_overflow = Counter(
-            "pocketbridge_send_buffer_overflow_closes", "Connections closed because their send queue was full", registry=r
+            "pocketbridge_send_buffer_overflow_closes",
+            "Connections closed because their send queue was full",
+            registry=r,
         )
         self.unknown_messages = Counter("pocketbridge_unknown_messages", "Messages of unknown type ignored", registry=r)
-        self.rate_limited = Counter("pocketbridge_rate_limited", "Rate-limit rejections by limit", ["limit"], registry=r)
-        self.scratchpad_dropped = Counter("pocketbridge_scratchpad_dropped", "scratchpad_sync messages dropped", registry=r)
+        self.rate_limited = Counter(
+            "pocketbridge_rate_limited", "Rate-limit rejections by limit", ["limit"], registry=r
+        )
+        self.scratchpad_dropped = Counter(
+            "pocketbridge_scratchpad_dropped", "scratchpad_sync messages dropped", registry=r
+        )
         self.store = Gauge(
-            "pocketbridge_store", "Store gauges: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open",
-            ["gauge"], registry=r,
+            "pocketbridge_store",
+            "Store gauges: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open",
+            ["gauge"],
+            registry=r,
         )
         self.dropped = Gauge(
-            "pocketbridge_dropped", "Best-effort records dropped so far: audit (queue full), bus_publish (Redis)",
-            ["what"], registry=r,
+            "pocketbridge_dropped",
+            "Best-effort records dropped so far: audit (queue full), bus_publish (Redis)",
+            ["what"],
+            registry=r,
         )
         self.bus_connected = Gauge("pocketbridge_bus_connected", "1 while the fan-out bus works", registry=r)
         self.store_query_seconds = Histogram(
-            "pocketbridge_store_query_seconds", "Store call latency by kind (write batch, read)", ["kind"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r,
+            "pocketbridge_store_query_seconds",
+            "Store call latency by kind (write batch, read)",
+            ["kind"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
         )
         self.trio_tasks = Gauge(
             "pocketbridge_trio_tasks", "trio tasks alive in the daemon's event loop, counted at scrape time", registry=r
@@ -92,6 +110,10 @@ class Metrics:
         self.dropped.labels("audit").set_function(lambda: store.stats()["audit_dropped"])
         self.dropped.labels("bus_publish").set_function(lambda: float(getattr(bus, "dropped", 0)))
         for name in ("pool_size", "pool_idle", "pool_waiting", "writer_queue", "breaker_open"):
-            self.store.labels(name).set_function(lambda name=name: store.stats()[name])
+            self.store.labels(name).set_function(partial(_store_stat, store, name))
         self.bus_connected.set_function(lambda: float(bus.connected))
         store.observe_with(lambda kind, seconds: self.store_query_seconds.labels(kind).observe(seconds))
+
+
+def _store_stat(store: Any, name: str) -> float:
+    return store.stats()[name]

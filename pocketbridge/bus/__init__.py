@@ -9,7 +9,7 @@ carry presence, connection takeover and (later) revocation and account deletion.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -44,7 +44,7 @@ class Control:
     data: dict[str, Any] = attrs.field(factory=dict)
 
 
-BusMessage = Union[EventNotice, Control]
+BusMessage = EventNotice | Control
 Sink = Callable[[BusMessage], None]
 
 

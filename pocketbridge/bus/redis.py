@@ -9,6 +9,7 @@ latency, never an event (the hub's catch-up reads the store, more often while Re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -121,14 +122,13 @@ class RedisBus(LocalDelivery):
                 return
             finally:
                 if pubsub is not None:
-                    try:
+                    with contextlib.suppress(redis.RedisError, OSError):
                         pubsub.close()
-                    except (redis.RedisError, OSError):
-                        pass
 
     def _set_connected(self, up: bool) -> None:
         if up != self.connected:
-            log.info("Redis bus subscribed" if up else "Redis bus down; delivery between instances goes through the store")
+            log.info("Redis bus subscribed" if up
+                     else "Redis bus down; delivery between instances goes through the store")
             self.changed.set()
             self.changed = trio.Event()
         self.connected = up

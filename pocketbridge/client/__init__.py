@@ -14,6 +14,7 @@ and are expected to be ciphertext already (encryption is the application's busin
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -192,7 +193,8 @@ class Client:
         eph = ec.generate_private_key(ec.SECP256R1())
         eph_pub = eph.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint).hex()
         nonce_c = secrets.token_hex(32)
-        await self._send({"type": "client_hello", "payload": {"type": "client_hello", "client_ephemeral_pub": eph_pub, "nonce_c": nonce_c}})
+        first = {"type": "client_hello", "client_ephemeral_pub": eph_pub, "nonce_c": nonce_c}
+        await self._send({"type": "client_hello", "payload": first})
         hello = await self._expect("server_hello")
         server_pub, server_eph, nonce_s = hello["server_identity_pub"], hello["server_ephemeral_pub"], hello["nonce_s"]
         if pin is not None and server_pub.lower() != pin.lower():
@@ -208,7 +210,9 @@ class Client:
             "type": "client_auth",
             "user_id": self.key.public_hex,
             "device_id": self.device_id,
-            "client_signature": self.key.sign(digest_c(self.key.public_hex, self.device_id, nonce_c, nonce_s, server_eph)).hex(),
+            "client_signature": self.key.sign(
+                digest_c(self.key.public_hex, self.device_id, nonce_c, nonce_s, server_eph)
+            ).hex(),
             "nonce_c2": secrets.token_hex(32),
         }
         if device_name is not None:
@@ -302,7 +306,7 @@ class Client:
                 kind = msg.get("type")
                 payload = msg.get("payload") or {}
                 if kind == "ack":
-                    pending = self._pending.get(payload.get("device_seq"))
+                    pending = self._pending.get(payload.get("device_seq", -1))
                     if pending is not None and not pending.done.is_set():
                         pending.ack = Ack(
                             payload["device_seq"], payload.get("status", "stored"), payload.get("event_id"),
@@ -314,10 +318,9 @@ class Client:
                 elif kind in ("replay_response", "full_resync_required", "replay_failed", "pong"):
                     await self._replies_send.send(msg)
                 else:
-                    try:
+                    # notices are informational; a slow reader loses the newest ones
+                    with contextlib.suppress(trio.WouldBlock):
                         self._notices_send.send_nowait(msg)
-                    except trio.WouldBlock:
-                        pass  # notices are informational; a slow reader loses the oldest-unread ones
         except ConnectionClosed as exc:
             reason = exc.reason
             self.close_code = reason.code if reason else 1006
@@ -408,14 +411,17 @@ class Client:
         msg = await self._reply()
         return int(msg["payload"]["timestamp"])
 
-    async def replay_page(self, *, limit: int | None = None, token: str | None = None, flat: bool = False) -> dict[str, Any]:
+    async def replay_page(
+        self, *, limit: int | None = None, token: str | None = None, flat: bool = False
+    ) -> dict[str, Any]:
         """One ``replay_request``; returns the reply message (replay_response, full_resync_required, replay_failed)."""
         params: dict[str, Any] = {"last_ack_device_seq": self.last_ack_device_seq}
         if limit is not None:
             params["limit"] = limit
         if token is not None:
             params["continuation_token"] = token
-        message = {"type": "replay_request", **params} if flat else {"type": "replay_request", "payload": {"type": "replay_request", **params}}
+        wrapped = {"type": "replay_request", "payload": {"type": "replay_request", **params}}
+        message = {"type": "replay_request", **params} if flat else wrapped
         await self._send(message)
         return await self._reply()
 

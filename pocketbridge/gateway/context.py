@@ -77,6 +77,29 @@ class Limits:
         return fresh if previous is None else carry_over(fresh, previous)
 
 
+class ConnectionSet(set[Any]):
+    """The open WebSocket connections of this instance; the drain waits for it to empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._empty = trio.Event()
+        self._empty.set()
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        if self._empty.is_set():
+            self._empty = trio.Event()
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        if not self:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        while self:  # a connection may come and go between the wake-up and this check
+            await self._empty.wait()
+
+
 @attrs.define
 class Gateway:
     config: Config
@@ -90,7 +113,7 @@ class Gateway:
     instance_id: str
     token_key: bytes = attrs.field(init=False)
     draining: bool = False  # set when an orderly stop begins; readiness answers 503
-    connections: set[Any] = attrs.field(factory=set)  # every open WebSocket connection here
+    connections: ConnectionSet = attrs.field(factory=lambda: ConnectionSet())  # every open WebSocket connection
     stop_accepting: Callable[[], None] = lambda: None  # set by the listener
     gate: AcceptGate = attrs.field(factory=lambda: AcceptGate(1024, 1 << 30))  # replaced by the listener
     http_done: trio.Event = attrs.field(factory=trio.Event)  # set when the HTTP server has stopped
