@@ -11,8 +11,8 @@ import logging
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -22,7 +22,7 @@ from . import __version__
 from .bus import EventNotice, open_bus
 from .clock import Clock
 from .config import Config, describe_problems, load_config
-from .errors import SHUTTING_DOWN, ConfigError
+from .errors import SHUTTING_DOWN, ConfigError, StartupError, find_error, listen_problem
 from .gateway.context import Gateway, Limits
 from .gateway.server import run_session_clock, serve_gateway
 from .gateway.session import event_message
@@ -35,6 +35,8 @@ from .protocol.handshake import ServerIdentity
 from .store import StoredEvent, open_store
 from .systemd import notify, run_watchdog
 from .tracing import setup_tracing, span, stop_tracing
+
+T = TypeVar("T")
 
 log = logging.getLogger("pocketbridge")
 
@@ -161,7 +163,14 @@ class Daemon:
 
         async with trio.open_nursery() as services:
             await services.start(bus.run, hub.dispatch)
-            await services.start(store.run, on_commit)
+            try:
+                await services.start(store.run, on_commit)
+            except OSError as exc:  # the data directory (SQLite)
+                raise StartupError(
+                    f"[server] data_dir {self.config.data_dir()} cannot be used (PB_SERVER_DATA_DIR):"
+                    f" {exc.strerror or type(exc).__name__}; create it, give the daemon's user access or choose"
+                    " another directory"
+                ) from exc
             services.start_soon(run_purger, store, lambda: self.config)
             if self.config.storage.backend != "sqlite":
                 services.start_soon(run_heartbeat, store, self.instance_id)
@@ -177,9 +186,11 @@ class Daemon:
             )
             try:
                 async with trio.open_nursery() as front:
-                    ws_port = await front.start(serve_gateway, gw)
+                    ws_port = await _bind("ws", self.config.listen.ws, front.start(serve_gateway, gw))
                     front.start_soon(run_session_clock, gw)
-                    http_port, metrics_port = await front.start(serve_http, gw, self._http_shutdown.wait)
+                    http_port, metrics_port = await _bind(
+                        "http", self.config.listen.http, front.start(serve_http, gw, self._http_shutdown.wait)
+                    )
                     url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
                     http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
                     log.info("pocketbridge %s serving %s and %s (instance %s)", __version__, url, http_url,
@@ -220,3 +231,14 @@ class Daemon:
                     continue
                 log.info("received %s, draining", signal.Signals(signum).name)
                 self.stop()
+
+
+async def _bind(key: str, address: str, starting: Awaitable[T]) -> T:
+    """Start a listener; a bind failure becomes one line naming ``[listen] <key>``."""
+    try:
+        return await starting
+    except (OSError, BaseExceptionGroup) as exc:
+        error = find_error(exc, OSError)
+        if isinstance(error, OSError) and error.errno is not None:
+            raise StartupError(listen_problem(key, address, error)) from exc
+        raise

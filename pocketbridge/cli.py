@@ -12,7 +12,7 @@ import trio
 
 from . import __version__
 from .config import Config, describe_problems, load_config
-from .errors import ConfigError, IdentityError, PocketBridgeError
+from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError, find_error
 from .logs import setup_logging
 
 log = logging.getLogger("pocketbridge")
@@ -29,9 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.log.level, config.log.format)
     daemon = Daemon(config, config_path=args.config or os.environ.get("PB_CONFIG") or None)
 
+    started = False
+
     async def main() -> None:
+        nonlocal started
         async with trio.open_nursery() as nursery:
             running = await nursery.start(lambda task_status: daemon.run(handle_signals=True, task_status=task_status))
+            started = True
             key_note = "created" if running.identity_created else "loaded"
             print(
                 f"PocketBridge {__version__}\n"
@@ -45,7 +49,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except (Exception, BaseExceptionGroup) as exc:
+        if find_error(exc, KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        own = find_error(exc, PocketBridgeError)
+        if own is not None:
+            log.debug("start failure", exc_info=exc)
+            raise own from None
+        if started:
+            raise  # a bug while serving: the traceback is what an engineer needs
+        log.debug("start failure", exc_info=exc)  # the traceback at debug level only
+        inner: BaseException = exc
+        while isinstance(inner, BaseExceptionGroup):  # the first error itself, not trio's wrapping
+            inner = inner.exceptions[0]
+        raise StartupError(f"cannot start: {type(inner).__name__}: {inner} (run with PB_LOG_LEVEL=debug for details)")
     return 0
 
 
@@ -112,25 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _own_error(exc: BaseException) -> PocketBridgeError | None:
-    """The daemon's own error inside what trio raised (nurseries wrap errors in exception groups)."""
-    if isinstance(exc, PocketBridgeError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _own_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         try:
             return int(args.func(args))
         except BaseExceptionGroup as group:
-            own = _own_error(group)
+            own = find_error(group, PocketBridgeError)
             if own is None:
                 raise
             raise own from None

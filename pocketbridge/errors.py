@@ -6,6 +6,8 @@ Close reasons are fixed strings of at most 123 bytes; no exception text ever rea
 
 from __future__ import annotations
 
+import errno
+
 import attrs
 
 
@@ -27,6 +29,35 @@ class IdentityError(PocketBridgeError):
 
 class StoreUnavailable(PocketBridgeError):
     """The store could not be reached or did not answer in time (clients get 1013)."""
+
+
+class StartupError(PocketBridgeError):
+    """The daemon cannot start: one line naming the setting, its variable and what to do."""
+
+
+def listen_problem(key: str, address: str, exc: OSError) -> str:
+    """Why ``[listen] <key> = address`` cannot be bound, for a person."""
+    where = f"[listen] {key} {address}"
+    env = f"PB_LISTEN_{key.upper()}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where} is already in use ({env}); stop the other process or choose another address"
+    if exc.errno == errno.EACCES:
+        return f"{where} cannot be bound: permission denied ({env}); ports below 1024 need CAP_NET_BIND_SERVICE"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where} is not an address of this host ({env}); choose one of its addresses or 0.0.0.0"
+    return f"{where} cannot be bound ({env}): {exc.strerror or type(exc).__name__}"
+
+
+def find_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` inside ``exc`` (trio wraps errors of nurseries in exception groups)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_error(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 class StorageFull(StoreUnavailable):
