@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
 from . import __version__
-from .config import Config, describe_problems, load_config
+from .config import Config, describe_problems, load_config, render_config
 from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError, find_error
 from .logs import setup_logging
 
@@ -69,8 +70,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .identity import write_new_identity
 
     path = Path(args.out) if args.out else _load(args).identity_key_path()
@@ -82,6 +81,20 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"configuration OK (storage: {config.storage.backend}, bus: {config.bus.backend}, ws: {config.listen.ws})")
+    return 0
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    text = render_config()
+    if not args.out or args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.out)
+    if path.exists() and not args.force:
+        raise PocketBridgeError(f"{path} exists; use --force to replace it")
+    path.write_text(text)
+    print(f"wrote {path}: every key with its default and what it does; edit it, then `pocketbridge check-config"
+          f" --config {path}`")
     return 0
 
 
@@ -122,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("check-config", "validate the configuration and exit non-zero if it is invalid").set_defaults(
         func=cmd_check_config
     )
+    config_cmd = sub.add_parser(
+        "config", help="write a configuration file", description="Write a fully commented configuration file."
+    )
+    config_sub = config_cmd.add_subparsers(dest="config_command", required=True)
+    p = config_sub.add_parser(
+        "init", help="write every key with its default and a comment (to stdout, or --out FILE)",
+        description="Write a configuration file holding every key with its default value and a comment saying"
+        " what it does. The file changes nothing as it is; edit what you need.",
+    )
+    p.add_argument("--out", metavar="FILE", help="write here (refuses to replace an existing file)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=cmd_config_init)
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)

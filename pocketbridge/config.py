@@ -9,6 +9,7 @@ validator) and words the problem message. Durations are seconds (int or float). 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import operator
 import os
@@ -570,3 +571,33 @@ def describe_problems(err: ConfigError) -> str:
     count = len(err.problems)
     head = f"invalid configuration ({count} problem{'' if count == 1 else 's'}):"
     return "\n".join([head, *(f"  - {problem}" for problem in err.problems)])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def render_config(config: Config | None = None) -> str:
+    """A fully commented configuration file: every key of the model with its comment and its value in
+    ``config`` (the defaults when None). ``pocketbridge config init`` writes it; config.example.toml is it."""
+    from .config_doc import HEADER, KEYS
+
+    config = config if config is not None else Config()
+    out = [HEADER.rstrip("\n"), ""]
+    for section, cls in SECTIONS.items():
+        out.append(f"[{section}]")
+        values = getattr(config, section)
+        for field in attrs.fields(cls):
+            doc = KEYS.get(section, {}).get(field.name)
+            if doc is None:
+                raise KeyError(f"[{section}] {field.name} has no comment in pocketbridge/config_doc.py")
+            out += [f"# {line}".rstrip() for line in doc.splitlines()]
+            out.append(f"{field.name} = {_toml_value(getattr(values, field.name))}")
+        out.append("")
+    return "\n".join(out)

@@ -469,14 +469,38 @@ async def connect(
 ) -> AsyncIterator[Client]:
     """Connect, handshake (verifying the server's signature, and its key against ``pin`` if given).
 
-    Waiting for an ack or a replay/ping reply is bounded by ``reply_timeout`` (trio.TooSlowError)."""
-    async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES) as ws:
-        client = Client(ws, key, device_id, ack_event_ids=ack_event_ids, reply_timeout=reply_timeout)
-        with trio.fail_after(handshake_timeout):
-            await client._handshake(pin=pin, device_name=device_name, device_type=device_type)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client._read_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+    Waiting for an ack or a replay/ping reply is bounded by ``reply_timeout`` (trio.TooSlowError).
+
+    An error inside the block, or of the connection, reaches the caller as itself (``Closed``,
+    ``HandshakeRefused``, ``trio.TooSlowError``, ...), never wrapped in an exception group."""
+    try:
+        async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES) as ws:
+            client = Client(ws, key, device_id, ack_event_ids=ack_event_ids, reply_timeout=reply_timeout)
+            with trio.fail_after(handshake_timeout):
+                await client._handshake(pin=pin, device_name=device_name, device_type=device_type)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client._read_loop)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = _single_error(group)
+        if single is None:
+            raise
+        raise single from None
+
+
+def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error a group holds (trio's nurseries wrap even a lone error), or None if it holds several."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    collect(group)
+    return leaves[0] if len(leaves) == 1 else None

@@ -383,3 +383,20 @@ def test_parse_hostport(value: str, expected: tuple[str, int]) -> None:
 def test_parse_hostport_rejects(value: str) -> None:
     with pytest.raises(ValueError):
         parse_hostport(value)
+
+
+def test_example_file_is_the_generated_config() -> None:
+    """config.example.toml is exactly what `pocketbridge config init` writes (generated from the model)."""
+    from pocketbridge.config import render_config
+
+    assert EXAMPLE.read_text() == render_config(), "regenerate: pocketbridge config init --out config.example.toml --force"
+
+
+def test_config_init_writes_a_valid_file(tmp_path: Path) -> None:
+    from pocketbridge.cli import main
+
+    out = tmp_path / "pocketbridge.toml"
+    assert main(["config", "init", "--out", str(out)]) == 0
+    assert load_config(out, env={}) == load_config(None, env={})
+    assert main(["config", "init", "--out", str(out)]) == 1  # never replaces a file unasked
+    assert main(["config", "init", "--out", str(out), "--force"]) == 0
