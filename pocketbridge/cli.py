@@ -65,7 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         inner: BaseException = exc
         while isinstance(inner, BaseExceptionGroup):  # the first error itself, not trio's wrapping
             inner = inner.exceptions[0]
-        raise StartupError(f"cannot start: {type(inner).__name__}: {inner} (run with PB_LOG_LEVEL=debug for details)")
+        raise StartupError(
+            f"cannot start: {type(inner).__name__}: {inner} (run with PB_LOG_LEVEL=debug for details)"
+        ) from None
     return 0
 
 

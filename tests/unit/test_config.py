@@ -389,7 +389,8 @@ def test_example_file_is_the_generated_config() -> None:
     """config.example.toml is exactly what `pocketbridge config init` writes (generated from the model)."""
     from pocketbridge.config import render_config
 
-    assert EXAMPLE.read_text() == render_config(), "regenerate: pocketbridge config init --out config.example.toml --force"
+    regenerate = "pocketbridge config init --out config.example.toml --force"
+    assert EXAMPLE.read_text() == render_config(), regenerate
 
 
 def test_config_init_writes_a_valid_file(tmp_path: Path) -> None:
