@@ -136,10 +136,7 @@ class PostgresStore(BatchedWrites):
         try:
             self._pool.open(wait=True, timeout=self._op_timeout)
         except PoolTimeout as exc:
-            raise StoreUnavailable(
-                "cannot connect to PostgreSQL at [storage] dsn (PB_STORAGE_DSN): is it running and reachable from this"
-                " host, and are the database name and credentials right?"
-            ) from exc
+            raise StoreUnavailable("cannot connect to PostgreSQL (check [storage] dsn)") from exc
         with self._pool.connection() as conn:
             version = schema_version(conn)
         if version < SCHEMA_VERSION:
