@@ -3,10 +3,14 @@
     pocketbridge client init --name "Laptop"                  # creates ~/.config/pocketbridge/device.json
     pocketbridge client register --url ws://127.0.0.1:3001/ws # handshake once; pins the server key
     pocketbridge client api GET /api/devices                  # signed request, JSON on stdout
+    pocketbridge client pair                                  # show a code for a new device (on a known one)
+    pocketbridge client pair 123456 --file new.json           # join that account (on the new device)
 
 The identity file is JSON, mode 0600: ``seed`` (the device's Ed25519 private seed, hex), ``device_id``, and
-optionally ``device_name``, ``device_type`` and ``server_key`` (the server identity key pinned at the first
-successful ``register``). The seed is never printed. HTTP uses only the standard library.
+optionally ``device_name``, ``device_type``, ``server_key`` (the server identity key pinned at the first
+successful ``register``) and ``ws_url`` / ``base_url`` (the server's addresses, remembered by ``register`` so
+later commands need no URL). The seed is never printed. ``$PB_CLIENT_URL`` is the WebSocket URL when the
+command line and the file give none. HTTP uses only the standard library.
 """
 
 from __future__ import annotations
@@ -131,6 +135,25 @@ def fingerprint(public_hex: str) -> str:
 
 
 # --- init --------------------------------------------------------------------------------------------------
+def ws_url_for(args: argparse.Namespace, data: dict[str, Any] | None = None) -> str:
+    """--url, else the file's remembered URL, else $PB_CLIENT_URL, else the default."""
+    url = getattr(args, "url", None) or (data or {}).get("ws_url") or os.environ.get("PB_CLIENT_URL") or DEFAULT_WS_URL
+    if not url.startswith(("ws://", "wss://")):
+        raise ClientCliError(f"the WebSocket URL must be ws:// or wss://, e.g. {DEFAULT_WS_URL} (got {url})")
+    return str(url)
+
+
+def base_url_from_ws(ws_url: str) -> str:
+    """The HTTP API origin that goes with a WebSocket URL: the same origin (one origin behind a reverse
+    proxy), except the default two-listener layout, where the API is on port 3002 beside 3001."""
+    parts = urllib.parse.urlsplit(ws_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    netloc = parts.netloc
+    if parts.port == 3001:
+        netloc = netloc[: netloc.rfind(":")] + ":3002"
+    return f"{scheme}://{netloc}"
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from . import DeviceKey, new_device_id
 
@@ -147,7 +170,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         f"created {path} (mode 0600; keep it private, it holds this device's private key)\n"
         f"  device id:  {data['device_id']}\n"
         f"  user id:    {key.public_hex}\n"
-        f"next: pocketbridge client register --url {DEFAULT_WS_URL}"
+        f"next: pocketbridge client register --url {ws_url_for(args)}"
         + ("" if not args.file else f" --file {args.file}")
     )
     return 0
@@ -201,9 +224,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     path = _path(args)
     data = load_identity(path)
-    url = args.url
-    if not url.startswith(("ws://", "wss://")):
-        raise ClientCliError(f"--url must be a ws:// or wss:// URL, e.g. {DEFAULT_WS_URL}")
+    url = ws_url_for(args, data)
     key = _key(data)
     device_id = data["device_id"]
     pinned = data.get("server_key")
@@ -240,17 +261,76 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise ClientCliError(_describe_ws_failure(url, leaf)) from None
 
     note = "pinned now" if pinned is None else "matches the pinned key"
-    if pinned is None:
-        _write(path, {**data, "server_key": server_key}, exclusive=False)
+    base_url = args.base_url or data.get("base_url") or base_url_from_ws(url)
+    remembered = {**data, "server_key": server_key, "ws_url": url, "base_url": base_url}
+    if remembered != data:
+        _write(path, remembered, exclusive=False)
     lines = [f"registered with {url}", f"  user id:          {user_id}", f"  device id:        {device_id}"]
     if user_id != key.public_hex:
         lines.append(f"  device key:       {key.public_hex}  (paired into the account above)")
     lines += [
         f"  server key:       {server_key[:16]}…  ({note})",
         f"  key fingerprint:  {fingerprint(server_key)}",
+        f"  remembered:       {url} and {base_url} (for later commands)",
     ]
     print("\n".join(lines))
     return 0
+
+
+# --- pair --------------------------------------------------------------------------------------------------
+def cmd_pair(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import ClientError, connect
+
+    path = _path(args)
+    data = load_identity(path)
+    url = ws_url_for(args, data)
+    key = _key(data)
+    code = args.code
+    if code is not None and not re.fullmatch(r"[0-9]{6}", code):
+        raise ClientCliError("a pairing code is 6 digits")
+    lines: list[str] = []
+
+    async def pair() -> int:
+        async with connect(url, key, data["device_id"], pin=data.get("server_key"),
+                           device_name=data.get("device_name") or None, device_type=data.get("device_type") or None,
+                           handshake_timeout=args.timeout, reply_timeout=args.timeout) as client:
+            if code is not None:
+                with trio.fail_after(args.timeout):
+                    reply = await client.complete_pairing(code)
+                if reply["type"] != "pairing_completed":
+                    raise ClientCliError(f"pairing failed: {reply['payload'].get('error', 'refused')}")
+                lines.append(f"paired: this device now belongs to user {client.user_id}")
+                return 0
+            with trio.fail_after(args.timeout):
+                reply = await client.initiate_pairing()
+            if reply["type"] != "pairing_initiated":
+                raise ClientCliError(f"no pairing code: {reply['payload'].get('error', 'refused')}")
+            payload = reply["payload"]
+            seconds = max(1, int(payload["expiresIn"]) // 1000)
+            print(f"pairing code: {payload['code']}  (valid for {seconds} s)\n"
+                  f"on the new device: pocketbridge client pair {payload['code']}", flush=True)
+            with trio.move_on_after(seconds):
+                paired = await client.next_notice("device_paired")
+                name = paired["payload"].get("device_name") or "a device"
+                lines.append(f"{name} ({paired['payload'].get('device_id', '?')}) joined this account")
+                return 0
+            raise ClientCliError("the code expired unused")
+
+    try:
+        status = trio.run(pair)
+    except ClientCliError:
+        raise
+    except (ClientError, OSError, trio.TooSlowError, BaseExceptionGroup) as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            raise leaf from None
+        if isinstance(leaf, ClientCliError):
+            raise leaf from None
+        raise ClientCliError(_describe_ws_failure(url, leaf)) from None
+    print("\n".join(lines))
+    return status
 
 
 # --- api ---------------------------------------------------------------------------------------------------
@@ -392,7 +472,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         )
     body = _body(args.data)
     data = load_identity(_path(args))
-    client = _Http(args.base_url, data, args.timeout)
+    client = _Http(args.base_url or data.get("base_url") or DEFAULT_BASE_URL, data, args.timeout)
     try:
         token = None
         if args.bearer:
@@ -445,8 +525,9 @@ def add_client_parser(sub: Any) -> None:
             "WebSocket (pinning the server key), and make PB1-signed requests to the HTTP API."
         ),
     )
-    csub = p.add_subparsers(dest="client_command", required=True, metavar="{init,register,api}")
+    csub = p.add_subparsers(dest="client_command", required=True, metavar="{init,register,api,pair}")
     file_help = "device identity file (default: $XDG_CONFIG_HOME/pocketbridge/device.json or ~/.config/…)"
+    url_help = f"WebSocket URL (default: the remembered one, else $PB_CLIENT_URL, else {DEFAULT_WS_URL})"
 
     q = csub.add_parser("init", help="create a device identity file (mode 0600)",
                         description="Create a new device key and id. Prints the device id and user id, never the key.")
@@ -461,10 +542,27 @@ def add_client_parser(sub: Any) -> None:
                             "Connect over WebSocket and complete the handshake once. The server identity key is "
                             "pinned into the identity file on first use; a changed key is refused afterwards."
                         ))
-    q.add_argument("--url", default=DEFAULT_WS_URL, metavar="WS_URL", help=f"WebSocket URL (default {DEFAULT_WS_URL})")
+    q.add_argument("--url", metavar="WS_URL", help=url_help)
+    q.add_argument("--base-url", metavar="URL",
+                   help="HTTP API origin to remember (default: derived from the WebSocket URL)")
     q.add_argument("--file", metavar="PATH", help=file_help)
     q.add_argument("--timeout", type=_positive_float, default=15.0, metavar="S", help="give up after S seconds (15)")
     q.set_defaults(func=_guarded(cmd_register))
+
+    q = csub.add_parser(
+        "pair", help="pair devices: show a code (known device), or join with one (new device)",
+        description=(
+            "Without CODE, on a device of the account: ask for a 6-digit pairing code, print it, and wait until "
+            "a new device has used it (or it expires). With CODE, on the new device: join the account that "
+            "issued it; the new device keeps its own key and gets the account's events."
+        ),
+    )
+    q.add_argument("code", nargs="?", metavar="CODE", help="the 6-digit code shown on the other device")
+    q.add_argument("--url", metavar="WS_URL", help=url_help)
+    q.add_argument("--file", metavar="PATH", help=file_help)
+    q.add_argument("--timeout", type=_positive_float, default=15.0, metavar="S",
+                   help="bound on each server reply in seconds (15)")
+    q.set_defaults(func=_guarded(cmd_pair))
 
     q = csub.add_parser(
         "api",
@@ -479,7 +577,8 @@ def add_client_parser(sub: Any) -> None:
     q.add_argument("path", metavar="PATH", help="path and query, sent and signed exactly as given, e.g. /api/devices")
     q.add_argument("--data", metavar="JSON", help="JSON body, or @FILE, or @- for stdin; sent compact")
     q.add_argument(
-        "--base-url", default=DEFAULT_BASE_URL, metavar="URL", help=f"HTTP API origin (default {DEFAULT_BASE_URL})"
+        "--base-url", metavar="URL",
+        help=f"HTTP API origin (default: the one `register` remembered, else {DEFAULT_BASE_URL})",
     )
     q.add_argument("--file", metavar="PATH", help=file_help)
     q.add_argument("--bearer", action="store_true", help="get a token (POST /api/auth/token) and use it instead of PB1")

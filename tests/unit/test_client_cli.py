@@ -229,3 +229,58 @@ def test_console_entry_point_reports_unreachable_server_without_traceback(tmp_pa
     )
     assert api.returncode == 1 and api.stdout == ""
     assert api.stderr.count("\n") == 1 and "cannot reach" in api.stderr and "Traceback" not in api.stderr
+
+
+# --- remembered URLs and pairing ----------------------------------------------------------------------------
+async def test_register_remembers_the_urls_and_pair_joins_a_second_device(
+    tmp_path: Path, config_factory: Callable[..., Config], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    laptop, phone = tmp_path / "laptop.json", tmp_path / "phone.json"
+    async with run_daemon(config_factory()) as (_, running):
+        monkeypatch.setenv("PB_CLIENT_URL", running.ws_url)  # the URL from the environment, not the command line
+        rc, out, _ = cli(capsys, "init", "--file", str(laptop), "--name", "Laptop")
+        assert rc == 0 and f"--url {running.ws_url}" in out
+        rc, out, err = await acli(capsys, "register", "--file", str(laptop), "--base-url", running.http_url)
+        assert rc == 0, err
+        assert (read(laptop)["ws_url"], read(laptop)["base_url"]) == (running.ws_url, running.http_url)
+        monkeypatch.delenv("PB_CLIENT_URL")
+        rc, out, err = await acli(capsys, "api", "GET", "/api/devices", "--file", str(laptop))  # no --base-url
+        assert rc == 0 and len(json.loads(out)["devices"]) == 1, err
+
+        assert cli(capsys, "init", "--file", str(phone), "--name", "Phone")[0] == 0
+        rc, _, err = await acli(capsys, "register", "--file", str(phone), "--url", running.ws_url,
+                                "--base-url", running.http_url)
+        assert rc == 0, err
+
+        # the laptop shows a code and waits (a real process: its first line is read as a person would)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PB_")}
+        initiator = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "pocketbridge", "client", "pair", "--file", str(laptop)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )
+        try:
+            shown = b""
+            with trio.fail_after(20):
+                while b"\n" not in shown:
+                    shown += await initiator.stdout.receive_some(4096)  # type: ignore[union-attr]
+            code = shown.split(b"pairing code: ", 1)[1][:6].decode()
+            rc, out, err = await acli(capsys, "pair", code, "--file", str(phone))
+            assert rc == 0 and "paired" in out, err
+            with trio.fail_after(20):
+                assert await initiator.wait() == 0
+                rest = b""
+                while chunk := await initiator.stdout.receive_some(4096):  # type: ignore[union-attr]
+                    rest += chunk
+            assert b"Phone" in rest and b"joined this account" in rest, rest
+        finally:
+            with trio.CancelScope(shield=True):
+                if initiator.returncode is None:
+                    initiator.kill()
+                    await initiator.wait()
+        rc, out, err = await acli(capsys, "api", "GET", "/api/devices", "--file", str(laptop))
+        assert {d["device_name"] for d in json.loads(out)["devices"]} == {"Laptop", "Phone"}
+
+        rc, _, err = await acli(capsys, "pair", "000000", "--file", str(phone))
+        assert rc == 1 and "pairing failed" in err
+
