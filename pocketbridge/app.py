@@ -8,9 +8,11 @@ cursors) while the store is still there, then the services, whose writer flushes
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -58,6 +60,7 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+FORCE_GRACE = 2.0  # seconds a forced stop may take before the process exits anyway
 GIL_SWITCH_INTERVAL = 0.0005  # seconds
 
 # Sections that can change at run time (SIGHUP); the others need a restart.
@@ -93,6 +96,16 @@ class Daemon:
         if self._root is not None:
             self._root.deadline = min(self._root.deadline, trio.current_time() + self.config.drain.deadline)
 
+    def force(self) -> None:
+        """Stop now (a second SIGINT/SIGTERM): cancel everything; whatever is still running after
+        FORCE_GRACE seconds (a close handshake, a commit) ends with the process."""
+        log.warning("stopping now, without draining")
+        if self._root is not None:
+            self._root.cancel()
+        timer = threading.Timer(FORCE_GRACE, os._exit, args=(130,))
+        timer.daemon = True
+        timer.start()
+
     def reload(self) -> list[str]:
         """Re-read the config file (SIGHUP); apply what can change at run time; returns the sections
         that changed but need a restart."""
@@ -122,6 +135,8 @@ class Daemon:
         caller, which is turned into an orderly stop)."""
         async with trio.open_nursery() as guard:
             guard.start_soon(self._stop_when_cancelled)
+            if handle_signals:  # until the very end, so a second signal always finds its handler
+                await guard.start(self._watch_signals)
             with trio.CancelScope(shield=True) as root:
                 self._root = root
                 await self._run(handle_signals, task_status)
@@ -195,8 +210,6 @@ class Daemon:
                     http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
                     log.info("pocketbridge %s serving %s and %s (instance %s)", __version__, url, http_url,
                              self.instance_id)
-                    if handle_signals:
-                        front.start_soon(self._watch_signals)
                     front.start_soon(run_watchdog, lambda: f"{len(gw.connections)} connections")
                     front.start_soon(self._drain, front.cancel_scope)
                     notify("READY=1")
@@ -223,13 +236,17 @@ class Daemon:
             await gw.http_done.wait()
         front.cancel()
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.reload()
                     continue
-                log.info("received %s, draining", signal.Signals(signum).name)
+                if self._stop_requested.is_set():
+                    self.force()  # a second Ctrl+C: the user does not want to wait for the drain
+                    continue
+                log.info("received %s, draining (send it again to stop at once)", signal.Signals(signum).name)
                 self.stop()
 
 

@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
 import trio
+from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
 from .config import Config, describe_problems, load_config, render_config
@@ -27,8 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import Daemon
 
     config = _load(args)
+    config_path = args.config or os.environ.get("PB_CONFIG") or None
     setup_logging(config.log.level, config.log.format)
-    daemon = Daemon(config, config_path=args.config or os.environ.get("PB_CONFIG") or None)
+    root = logging.getLogger()
+    level = root.level
+    if sys.stderr.isatty():  # on a terminal the banner comes first: start-up chatter is not shown before it
+        root.setLevel(max(level, logging.WARNING))
+    daemon = Daemon(config, config_path=config_path)
 
     started = False
 
@@ -42,13 +49,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"PocketBridge {__version__}\n"
                 f"  WebSocket URL:      {running.ws_url}\n"
                 f"  HTTP API:           {running.http_url}  (health: {running.http_url}/health)\n"
+                f"  configuration:      {config_path or 'built-in defaults and PB_* variables'}\n"
+                f"  storage:            {_describe_storage(config)}\n"
+                f"  bus:                {_describe_bus(config)}\n"
+                f"  admin API:          {'on (/admin)' if config.admin.api_key else 'off (set [admin] api_key)'}\n"
                 f"  data directory:     {config.data_dir()}\n"
                 f"  server key ({key_note}): {config.identity_key_path()}\n"
                 f"  server public key:  {running.identity.public_hex}\n"
                 f"  key fingerprint:    {running.identity.fingerprint()}\n"
-                "Press Ctrl+C to stop.",
+                "Press Ctrl+C to stop (twice to stop at once).",
                 flush=True,
             )
+            root.setLevel(level)
 
     try:
         trio.run(main)
@@ -68,7 +80,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise StartupError(
             f"cannot start: {type(inner).__name__}: {inner} (run with PB_LOG_LEVEL=debug for details)"
         ) from None
+    print("PocketBridge stopped", flush=True)
     return 0
+
+
+def _describe_storage(config: Config) -> str:
+    if config.storage.backend == "sqlite":
+        return f"SQLite {config.sqlite_path()}"
+    info = conninfo_to_dict(config.storage.dsn)  # never the password
+    return f"PostgreSQL {info.get('host', 'local socket')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _describe_bus(config: Config) -> str:
+    if config.bus.backend == "memory":
+        return "in-process (one instance)"
+    parts = urllib.parse.urlsplit(config.bus.url)
+    return f"Redis {parts.hostname or parts.path}:{parts.port or 6379}"
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

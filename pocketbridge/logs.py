@@ -92,5 +92,5 @@ def setup_logging(level: str, fmt: str = "auto", stream: object = None) -> loggi
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # the pool's own retry warnings repeat what the store logs once, in its words (and at start, the one line)
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR if root.level > logging.DEBUG else logging.DEBUG)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR if root.level > logging.DEBUG else logging.WARNING)
     return handler

@@ -29,7 +29,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 import pocketbridge.client
 from pocketbridge.client import Closed, DeviceKey, HandshakeRefused, connect, new_device_id
@@ -403,13 +403,15 @@ async def _session_refusal(url: str) -> tuple[int | None, str | None] | None:
                 return None
     except Closed as refused:  # refused at the upgrade: the SDK sees the close when it sends client_hello
         return (refused.code, refused.reason)
+    except ConnectionRejected as refused:  # refused at accept, before the upgrade (protocol.md §9)
+        return (refused.status_code, "HTTP")
 
 
 async def test_sighup_keeps_the_live_connection_counts(tmp_path: Path) -> None:
     # a reload changes limits, not the state they are measured on: the connections open from an address
     # still count against [limits] ws_connections_per_ip afterwards
     data_dir, config = tmp_path / "data", tmp_path / "pocketbridge.toml"
-    over = (1008, "Too many connection attempts. Please try again later.")
+    over = (429, "HTTP")  # open connections per address are counted from accept: refused before the upgrade
     _write_config(config, data_dir, max_devices=5, ws="127.0.0.1:0", extra="")
     config.write_text(config.read_text().replace("[limits]\n", "[limits]\nws_connections_per_ip = 2\n"))
     async with running("reload-counts", tmp_path, {}, args=["--config", str(config)], base={}) as server:
