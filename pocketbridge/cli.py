@@ -98,6 +98,20 @@ def _describe_bus(config: Config) -> str:
     return f"Redis {parts.hostname or parts.path}:{parts.port or 6379}"
 
 
+def cmd_key_show(args: argparse.Namespace) -> int:
+    from .identity import load_identity
+
+    path = Path(args.file) if args.file else _load(args).identity_key_path()
+    identity = load_identity(path)
+    print(f"{path}\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"pocketbridge {__version__}")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .identity import write_new_identity
 
@@ -144,17 +158,37 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pocketbridge", description="End-to-end-encrypted multi-device sync relay")
+    parser = argparse.ArgumentParser(
+        prog="pocketbridge",
+        description="PocketBridge: a self-hosted relay for end-to-end-encrypted multi-device sync.",
+        epilog=(
+            "Configuration: a TOML file (--config FILE or $PB_CONFIG; `pocketbridge config init` writes one with every"
+            " key), and any key as an environment variable PB_<SECTION>_<KEY>, e.g. PB_LISTEN_WS=0.0.0.0:3001."
+            " Documentation: README.md, docs/operations.md (running it), docs/protocol.md (clients), docs/sdk.md."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"pocketbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.add_argument("--config", "-c", metavar="FILE",
                        help="TOML config file (default: $PB_CONFIG, else built-in defaults)")
         return p
 
-    add("serve", "run the daemon").set_defaults(func=cmd_serve)
+    add("serve", "run the daemon (WebSocket and HTTP listeners) until SIGTERM or Ctrl+C").set_defaults(func=cmd_serve)
+    sub.add_parser("version", help="print the version", description="Print the version.").set_defaults(
+        func=cmd_version
+    )
+    key_cmd = sub.add_parser("key", help="the server identity key", description="The server identity key.")
+    key_sub = key_cmd.add_subparsers(dest="key_command", required=True)
+    p = key_sub.add_parser(
+        "show", help="print an existing key's public key and fingerprint (never the private key)",
+        description="Print the public key and fingerprint of a server identity key file, for clients to pin.",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE", help="key file (default: [server] identity_key_file)")
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config file (default: $PB_CONFIG)")
+    p.set_defaults(func=cmd_key_show)
     p = add("keygen", "create the server identity key file (refuses to overwrite)")
     p.add_argument("--out", metavar="FILE", help="write here instead of [server] identity_key_file")
     p.set_defaults(func=cmd_keygen)
@@ -196,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             raise own from None
     except ConfigError as exc:
-        print(f"pocketbridge: invalid configuration:\n{describe_problems(exc)}", file=sys.stderr)
+        print(f"pocketbridge: {describe_problems(exc)}", file=sys.stderr)
         return 2
     except IdentityError as exc:
         print(f"pocketbridge: {exc}", file=sys.stderr)
