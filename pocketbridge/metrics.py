@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 
 def trio_task_count() -> float:
@@ -36,11 +36,15 @@ def trio_task_count() -> float:
     return float(count)
 
 
+disable_created_metrics()  # no `_created` series beside every counter: nobody graphs them
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.info = Gauge(
-            "pocketbridge_info", "Always 1; labels name the version and instance", ["version", "instance"], registry=r
+            "pocketbridge_info", "Always 1; labels name the version and [server] instance_id", ["version", "instance_id"],
+            registry=r,
         )
         self.connections_open = Gauge("pocketbridge_connections_open", "Open WebSocket connections", registry=r)
         self.sessions_open = Gauge("pocketbridge_sessions_open", "Established sessions on this instance", registry=r)
