@@ -21,6 +21,7 @@ import trio
 from attrs import evolve, fields_dict
 
 from . import __version__
+from .accounts import Accounts
 from .bus import EventNotice, open_bus
 from .clock import Clock
 from .config import Config, describe_problems, load_config
@@ -29,6 +30,7 @@ from .gateway.context import Gateway, Limits
 from .gateway.server import run_session_clock, serve_gateway
 from .gateway.session import event_message
 from .http.server import serve_http
+from .http.services import HttpServices
 from .hub import Hub
 from .identity import load_or_create_identity
 from .maintenance import Wakeup, run_catch_up, run_heartbeat, run_purger
@@ -204,7 +206,8 @@ class Daemon:
                     ws_port = await _bind("ws", self.config.listen.ws, front.start(serve_gateway, gw))
                     front.start_soon(run_session_clock, gw)
                     http_port, metrics_port = await _bind(
-                        "http", self.config.listen.http, front.start(serve_http, gw, self._http_shutdown.wait)
+                        "http", self.config.listen.http,
+                        front.start(serve_http, http_services(gw), self._http_shutdown.wait, gw.http_done),
                     )
                     url = f"ws://{_host(self.config.ws_address()[0])}:{ws_port}/ws"
                     http_url = f"http://{_host(self.config.http_address()[0])}:{http_port}"
@@ -248,6 +251,15 @@ class Daemon:
                     continue
                 log.info("received %s, draining (send it again to stop at once)", signal.Signals(signum).name)
                 self.stop()
+
+
+def http_services(gw: Gateway) -> HttpServices:
+    """What the HTTP side uses of the gateway; config, limits and draining are read per request (reload, stop)."""
+    return HttpServices(
+        store=gw.store, bus=gw.bus, clock=gw.clock, identity=gw.identity, metrics=gw.metrics,
+        accounts=Accounts.of(gw), current_config=lambda: gw.config, current_limits=lambda: gw.limits,
+        is_draining=lambda: gw.draining,
+    )
 
 
 async def _bind(key: str, address: str, starting: Awaitable[T]) -> T:

@@ -11,8 +11,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from ..gateway.context import Gateway
+from ..config import Config
 from .app import create_app, create_metrics_app
+from .services import HttpServices
 
 log = logging.getLogger("pocketbridge.http")
 RESTART_DELAY = 0.1  # seconds before a failed HTTP listener is started again
@@ -20,14 +21,14 @@ MAX_REQUEST_HEAD = 16 * 1024  # bytes: an HTTP/1.1 request head still incomplete
 MAX_H2_HEADER_LIST = 64 * 1024  # bytes: what the h2 library enforces on an HTTP/2 header list whatever is advertised
 
 
-def _hypercorn_config(bind: tuple[str, int], gw: Gateway) -> HypercornConfig:
+def _hypercorn_config(bind: tuple[str, int], config: Config) -> HypercornConfig:
     host, port = bind
     cfg = HypercornConfig()
     cfg.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("pocketbridge.http.server")
-    cfg.graceful_timeout = gw.config.drain.window
-    cfg.keep_alive_timeout = gw.config.http.keep_alive_timeout
+    cfg.graceful_timeout = config.drain.window
+    cfg.keep_alive_timeout = config.http.keep_alive_timeout
     cfg.include_server_header = False
     # hypercorn has no switch to turn off cleartext HTTP/2 (prior knowledge, or Upgrade: h2c): bound it like
     # HTTP/1.1 instead, one request at a time per connection; the body limit and rate limits are the app's
@@ -90,23 +91,26 @@ def _describe(exc: BaseException) -> str:
 
 
 async def serve_http(
-    gw: Gateway, shutdown: Callable[[], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    services: HttpServices, shutdown: Callable[[], Awaitable[None]], stopped: trio.Event, *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The API listener (``[listen] http``) and, if configured, the separate metrics listener.
 
     ``task_status.started((http_port, metrics_port or None))`` once both are bound; when
-    ``shutdown()`` returns, both stop accepting and finish their requests (within the drain window)."""
+    ``shutdown()`` returns, both stop accepting and finish their requests (within the drain window);
+    ``stopped`` is set once they have stopped (or failed to start)."""
+    config = services.config
     try:
         async with trio.open_nursery() as nursery:
-            app_config = _hypercorn_config(gw.config.http_address(), gw)
-            binds = await nursery.start(_serve_supervised, create_app(gw), app_config, shutdown)
+            app_config = _hypercorn_config(config.http_address(), config)
+            binds = await nursery.start(_serve_supervised, create_app(services), app_config, shutdown)
             http_port = int(binds[0].rsplit(":", 1)[1])
             metrics_port = None
-            metrics_address = gw.config.metrics_address()
+            metrics_address = config.metrics_address()
             if metrics_address is not None:
-                metrics_config = _hypercorn_config(metrics_address, gw)
-                mbinds = await nursery.start(_serve_supervised, create_metrics_app(gw), metrics_config, shutdown)
+                metrics_config = _hypercorn_config(metrics_address, config)
+                mbinds = await nursery.start(_serve_supervised, create_metrics_app(services), metrics_config, shutdown)
                 metrics_port = int(mbinds[0].rsplit(":", 1)[1])
             task_status.started((http_port, metrics_port))
     finally:
-        gw.http_done.set()
+        stopped.set()
