@@ -107,6 +107,22 @@ def cmd_key_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import backup_sqlite, pg_dump_hint
+
+    config = _load(args)
+    if config.storage.backend != "sqlite":
+        print(pg_dump_hint(config))
+        return 0
+    result = backup_sqlite(config.sqlite_path(), Path(args.out), force=args.force)
+    print(
+        f"wrote {result.path} (mode 0600, {result.bytes} bytes, integrity ok) in {result.seconds:.1f} s:"
+        f" {result.users} users, {result.devices} devices, {result.events} events\n"
+        f"the server identity key is not in it: keep a copy of {config.identity_key_path()} too"
+    )
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"pocketbridge {__version__}")
     return 0
@@ -192,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("keygen", "create the server identity key file (refuses to overwrite)")
     p.add_argument("--out", metavar="FILE", help="write here instead of [server] identity_key_file")
     p.set_defaults(func=cmd_keygen)
+    p = add("backup", "copy the SQLite store consistently while the daemon runs (PostgreSQL: explains pg_dump)")
+    p.add_argument("--out", metavar="FILE", required=True, help="where to write the copy (mode 0600)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=cmd_backup)
     add("migrate", "create or upgrade the PostgreSQL schema (safe to run on every start)").set_defaults(
         func=cmd_migrate
     )
