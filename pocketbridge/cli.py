@@ -123,6 +123,22 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .transfer import transfer
+
+    config = _load(args)
+    if not config.storage.dsn:
+        raise PocketBridgeError("set the target: [storage] dsn (PB_STORAGE_DSN), then run `pocketbridge migrate` first")
+    report = transfer(Path(args.from_sqlite), config.storage.dsn, force=args.force,
+                      progress=lambda text: print(text, flush=True))
+    total = ", ".join(f"{table} {count}" for table, count in report.counts.items())
+    print(f"transfer {'resumed and ' if report.resumed else ''}finished and verified: {total}\n"
+          f"  events checksum {report.events_checksum[:16]}…, devices checksum {report.devices_checksum[:16]}…\n"
+          "next: give every instance the same server identity key ([server] identity_key_file) and start them"
+          " with [storage] backend = \"postgres\"")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"pocketbridge {__version__}")
     return 0
@@ -212,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", required=True, help="where to write the copy (mode 0600)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.set_defaults(func=cmd_backup)
+    p = add("transfer", "copy a stopped SQLite store into the PostgreSQL database of [storage] dsn (after migrate)")
+    p.add_argument("--from-sqlite", metavar="PATH", required=True, help="the SQLite database file (pocketbridge.db)")
+    p.add_argument("--force", action="store_true", help="merge into a database that already holds other data")
+    p.set_defaults(func=cmd_transfer)
     add("migrate", "create or upgrade the PostgreSQL schema (safe to run on every start)").set_defaults(
         func=cmd_migrate
     )
