@@ -13,7 +13,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from .audit import short
+from .audit import Auditor
 from .bus import Bus, Control
 from .clock import Clock
 from .store import DeletedCounts, Device, Store
@@ -22,21 +22,6 @@ USER_REVOKED = "Device has been removed by user"
 ADMIN_REVOKED = "Device revoked by administrator"
 ACCOUNT_CLOSE_WAIT = 1.0  # seconds the local sessions get to close before the data goes
 SESSION_POLL = 0.01  # seconds between looks at the sessions still open meanwhile
-
-
-@attrs.frozen
-class Auditor:
-    """The audit trail of :func:`pocketbridge.audit.audit` for whoever holds a store and a clock: the row is
-    written with the store's next batch; never blocks, never raises."""
-
-    store: Store
-    clock: Clock
-
-    def __call__(
-        self, action: str, *, actor: str | None = None, target: str | None = None, peer: str | None = None,
-        detail: str | None = None,
-    ) -> None:
-        self.store.note_audit(self.clock.now_ms(), action, short(actor), short(target), peer, detail)
 
 
 class SessionIndex(Protocol):

@@ -1,21 +1,51 @@
-"""The audit trail: security-relevant actions with who/what/when/from where (ids shortened)."""
+"""The audit trail: security-relevant actions with who/what/when/from where.
+
+The trail is for administrators (``GET /admin/audit``, ``pocketbridge admin audit``) and keeps full device and
+user ids, so an id read there can be acted on (``pocketbridge admin revoke DEVICE``). Logs shorten ids; the
+trail never holds keys, signatures, codes or payloads.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .gateway.context import Gateway
-
-SHORT = 8
+import attrs
 
 
-def short(value: str | None) -> str | None:
-    return value[:SHORT] if value else None
+class _Store(Protocol):
+    def note_audit(
+        self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None, detail: str | None
+    ) -> None: ...
+
+
+class _Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+@attrs.frozen
+class Auditor:
+    """Writes audit rows with the store's next batch; never blocks, never raises."""
+
+    store: _Store
+    clock: _Clock
+
+    def __call__(
+        self, action: str, *, actor: str | None = None, target: str | None = None, peer: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.store.note_audit(self.clock.now_ms(), action, actor, target, peer, detail)
+
+
+class _Parts(Protocol):
+    @property
+    def store(self) -> Any: ...
+
+    @property
+    def clock(self) -> Any: ...
 
 
 def audit(
-    gw: Gateway,
+    parts: _Parts,
     action: str,
     *,
     actor: str | None = None,
@@ -23,8 +53,8 @@ def audit(
     peer: str | None = None,
     detail: str | None = None,
 ) -> None:
-    """Record ``action`` (written with the store's next batch; never blocks, never raises)."""
-    gw.store.note_audit(gw.clock.now_ms(), action, short(actor), short(target), peer, detail)
+    """Record ``action`` for whoever holds a store and a clock (the gateway)."""
+    Auditor(parts.store, parts.clock)(action, actor=actor, target=target, peer=peer, detail=detail)
 
 
 # Refusals an attacker can repeat at will: each (action, address or user, limit) is written at most once per

@@ -607,7 +607,8 @@ async def test_audit_trail_lists_security_actions_newest_first(config_factory: C
                         assert set(response.json()) == {"records"}
                         records = response.json()["records"]
 
-    a8, p8, alice8, phone8 = laptop[:8], phone_id[:8], alice.public_hex[:8], phone.public_hex[:8]
+    # full ids: an administrator acts on what the trail shows (revoke needs the whole device id)
+    a8, p8, alice8, phone8 = laptop, phone_id, alice.public_hex, phone.public_hex
     expected = [  # (action, actor, target, detail), newest first; None = not checked
         ("account_deleted", a8, alice8, None),
         ("admin_auth_failed", None, None, "/admin/audit"),
@@ -630,9 +631,5 @@ async def test_audit_trail_lists_security_actions_newest_first(config_factory: C
     assert ats == sorted(ats, reverse=True), ats
     for record in mine:
         assert record["peer"] == "127.0.0.1", record
-        for field in ("actor", "target"):
-            assert record[field] is None or len(record[field]) <= 8, record
     dumped = json.dumps(records)
-    assert re.search(r"[0-9a-fA-F]{64}", dumped) is None, "a full key is in the audit trail"
-    for full in (alice.public_hex, phone.public_hex, mallory.public_hex, laptop, phone_id):
-        assert full not in dumped
+    assert mallory.public_hex not in dumped  # a refused handshake records the device it claimed, not its key
