@@ -11,144 +11,19 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
-from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
-from trio_websocket._impl import CloseReason  # pinned trio-websocket 0.12
-from wsproto import ConnectionState, WSConnection
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from ..errors import MESSAGE_TOO_BIG, TRY_AGAIN, Close
+from ..errors import TRY_AGAIN, Close
+from .wsconn import FRAME_ERRORS, PING, PING_PAYLOAD, ConnectionClosed, WebSocket
+
+__all__ = ["FRAME_ERRORS", "PING", "PING_PAYLOAD", "Connection", "ConnectionClosed", "Outbox", "Socket", "WebSocket"]
 
 log = logging.getLogger("pocketbridge.gateway")
 
+Socket = WebSocket  # the name gateway/handshake.py imports
 
-PING = ""  # in an outbox: a protocol ping (every text message the server sends is non-empty JSON)
-PING_PAYLOAD = b"pb"
 WRITE_BATCH_BYTES = 256 * 1024  # queued messages the writer puts into one socket write
-
-FRAME_ERRORS = {1007: "Invalid UTF-8 in text frame", 1002: "Protocol error", 1009: MESSAGE_TOO_BIG.reason}
-
-
-class _Upgraded:
-    """Stands in for wsproto's finished HTTP handshake: it has no more events."""
-
-    @staticmethod
-    def events() -> tuple[()]:
-        return ()
-
-
-_UPGRADED = _Upgraded()
-
-
-class Socket(WebSocketConnection):
-    """trio-websocket's connection with what the spec needs on top: the 1009 reason of §1 with the
-    size counted in bytes, a smaller size limit until the handshake is done, a bound on fragments
-    per message, and any pong counting for the heartbeat (§4).
-
-    A message that arrives in several pieces (fragments, or one frame over several reads) is
-    assembled in one growing buffer, so it costs about its size in memory however it is cut up."""
-
-    last_pong: float = 0.0
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        ws_connection: WSConnection,
-        *,
-        max_message_size: int,
-        handshake_message_size: int,
-        max_fragments: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(stream, ws_connection, max_message_size=max_message_size, **kwargs)
-        self.max_message_bytes = max_message_size  # after the handshake: [ws] max_message_bytes
-        self.message_limit = min(handshake_message_size, max_message_size)  # what applies now
-        self.max_fragments = max_fragments
-        self.assembling: bytearray | None = None  # the UTF-8 (text) or bytes of a message so far
-        self.assembling_frames = 0
-
-    def handshake_done(self) -> None:
-        """From now on a message may be up to ``[ws] max_message_bytes``."""
-        self.message_limit = self.max_message_bytes
-
-    async def _handle_message_event(self, event: BytesMessage | TextMessage) -> None:  # type: ignore[override]
-        if self.closed is not None:  # the rest of a read after this side closed: dropped
-            return
-        data = event.data
-        text = isinstance(event, TextMessage)
-        if self.assembling is None and event.message_finished:  # a whole message at once (no copy)
-            size = len(data) if not text or data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-            if size > self.message_limit:
-                await self._message_too_big()
-            else:
-                await super()._handle_message_event(event)
-            return
-        chunk = data.encode("utf-8", "surrogatepass") if text else data
-        if self.assembling is None:
-            self.assembling = bytearray()
-        if event.frame_finished:
-            self.assembling_frames += 1
-        if len(self.assembling) + len(chunk) > self.message_limit or self.assembling_frames > self.max_fragments:
-            await self._message_too_big()
-            return
-        self.assembling += chunk
-        if event.message_finished:
-            whole = self.assembling.decode("utf-8", "surrogatepass") if text else bytes(self.assembling)
-            self.assembling = None
-            self.assembling_frames = 0
-            # the parent delivers a message of one part as it is (its own size check is never lower)
-            await super()._handle_message_event(type(event)(data=whole))
-
-    async def _message_too_big(self) -> None:
-        self.assembling = None
-        self.assembling_frames = 0
-        self._close_reason = CloseReason(MESSAGE_TOO_BIG.code, MESSAGE_TOO_BIG.reason)
-        await self._send(CloseConnection(code=MESSAGE_TOO_BIG.code, reason=MESSAGE_TOO_BIG.reason))
-        await self._recv_channel.aclose()
-        self._reader_running = False
-
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        # wsproto reports a frame it cannot parse (e.g. invalid UTF-8 in a text frame: 1007) as a
-        # close event while the connection is still open; answer it with a close frame of that code
-        # (and a fixed reason) instead of just dropping the TCP connection.
-        if self._wsproto.state == ConnectionState.OPEN:
-            reason = FRAME_ERRORS.get(event.code, "Protocol error")
-            self._close_reason = CloseReason(event.code, reason)
-            try:
-                await self._send(CloseConnection(code=event.code, reason=reason))
-            except ConnectionClosed:
-                pass
-            event = CloseConnection(code=event.code, reason=reason)
-        await super()._handle_close_connection_event(event)
-
-    async def _handle_pong_event(self, event: Pong) -> None:
-        self.last_pong = trio.current_time()
-        await super()._handle_pong_event(event)
-
-    def forget_handshake(self) -> None:
-        """Drop the HTTP upgrade's parser state once the WebSocket is open (a few kB per connection)."""
-        if self._wsproto.connection is not None:
-            self._wsproto.handshake = _UPGRADED  # type: ignore[assignment]
-
-    async def send_many(self, messages: list[str]) -> None:
-        """Several text messages in one write (the writer drains its queue into one syscall)."""
-        async with self._stream_lock:  # checked and encoded under the lock: nothing goes out after a close frame
-            if self._close_reason:
-                raise ConnectionClosed(self._close_reason)
-            data = b"".join(
-                self._wsproto.send(TextMessage(data=m) if m else Ping(payload=PING_PAYLOAD)) for m in messages
-            )
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._abort_web_socket()
-                raise ConnectionClosed(self._close_reason) from None
-
-    async def abort(self) -> None:
-        """Close the TCP connection without a close handshake (the peer sees 1006)."""
-        await self._close_stream()
 
 
 class Outbox:
@@ -206,7 +81,7 @@ class Connection:
     )
     def __init__(
         self,
-        ws: Socket,
+        ws: WebSocket,
         peer: str,
         *,
         send_queue_messages: int,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
 
 from ..audit import audit
 from ..errors import (
@@ -30,10 +29,11 @@ from ..logs import request_id_var
 from ..protocol.envelope import parse_frame
 from ..tracing import span
 from .admission import AcceptGate, raise_fd_limit, ws_fd_budget
-from .connection import FRAME_ERRORS, Connection, Socket
+from .connection import Connection
 from .context import Gateway
 from .handshake import perform_handshake
 from .session import Session
+from .wsconn import FRAME_ERRORS, ConnectionClosed, WebSocket
 
 log = logging.getLogger("pocketbridge.gateway")
 
@@ -113,10 +113,8 @@ async def _handle_stream(gw: Gateway, stream: trio.SocketStream) -> None:
 async def _refuse_at_accept(stream: trio.SocketStream) -> None:
     """Answer 429 without reading anything and close: the connection costs nothing more."""
     with trio.move_on_after(1):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(REFUSED_AT_ACCEPT)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 async def _upgrade_and_serve(
@@ -124,31 +122,28 @@ async def _upgrade_and_serve(
 ) -> None:
     cfg = gw.config.ws
     limits = gw.limits
+    ws = WebSocket(
+        stream,
+        max_message_bytes=cfg.max_message_bytes,
+        handshake_message_bytes=cfg.max_handshake_message_bytes,
+        max_fragments=cfg.max_fragments_per_message,
+        receive_size=RECEIVE_BUFFER,
+    )
+    request = None
+    with trio.move_on_at(min(deadline, trio.current_time() + cfg.upgrade_timeout)):
+        request = await ws.receive_request()
+    if request is None:
+        return
+    if request.target.split("?", 1)[0] != "/ws":
+        with trio.move_on_after(cfg.close_timeout):
+            await ws.reject(404)
+        return
+    forwarded = [v.decode("latin-1") for k, v in request.extra_headers if k.lower() == b"x-forwarded-for"]
+    peer = peer_address(_peer(stream), forwarded, limits.trusted_proxies, gw.config.limits.ipv6_prefix)
     async with trio.open_nursery() as nursery:
-        ws = Socket(
-            stream,
-            WSConnection(ConnectionType.SERVER),
-            message_queue_size=1,
-            max_message_size=cfg.max_message_bytes,
-            handshake_message_size=cfg.max_handshake_message_bytes,
-            max_fragments=cfg.max_fragments_per_message,
-            receive_buffer_size=RECEIVE_BUFFER,
-        )
-        nursery.start_soon(ws._reader_task)
-        request: WebSocketRequest | None = None
-        with trio.move_on_at(min(deadline, trio.current_time() + cfg.upgrade_timeout)):
-            request = await ws._get_request()
-        if request is None:
-            nursery.cancel_scope.cancel()
-            return
         try:
-            if request.path.split("?", 1)[0] != "/ws":
-                await request.reject(404)
-                return
-            forwarded = [v.decode("latin-1") for k, v in request.headers if k.lower() == b"x-forwarded-for"]
-            peer = peer_address(_peer(stream), forwarded, limits.trusted_proxies, gw.config.limits.ipv6_prefix)
-            await request.accept()
-            ws.forget_handshake()
+            await ws.accept()
+            nursery.start_soon(ws.run_reader)
             over = count_forwarded and limits.connections_per_ip.get(peer) >= gw.config.limits.ws_connections_per_ip
             if over or not limits.connects_per_ip.take(peer):
                 limit = "ws_connections_per_ip" if over else "ws_connects_per_ip"
@@ -172,7 +167,7 @@ async def _upgrade_and_serve(
 
 
 async def serve_websocket(
-    gw: Gateway, ws: Socket, peer: str, outer: trio.Nursery, *, deadline: float | None = None,
+    gw: Gateway, ws: WebSocket, peer: str, outer: trio.Nursery, *, deadline: float | None = None,
     on_established: Callable[[], None] = lambda: None,
 ) -> None:
     """The WebSocket session of one connection: the message loop runs here, inside the connection's
@@ -201,7 +196,7 @@ async def serve_websocket(
                     on_established()  # no longer pending: never shed
                     session = Session(gw, conn, device, wire_device_id, outer)
                     await session.establish()
-                if handshake_scope.cancelled_caught:
+                if handshake_scope.cancelled_caught or session is None:
                     raise ProtocolClose(HANDSHAKE_TIMEOUT)
                 gw.metrics.handshakes.labels("ok").inc()
                 log.info("connection %s: session established for device %s", conn.short_id, session.short)
@@ -259,10 +254,9 @@ async def serve_gateway(gw: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNO
              soft, hard, gw.gate.max_open, gw.gate.max_pending)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as connections:
-        async with trio.open_nursery() as acceptor:
-            gw.stop_accepting = acceptor.cancel_scope.cancel
-            await acceptor.start(
-                partial(trio.serve_listeners, partial(handle_stream, gw), listeners, handler_nursery=connections)
-            )
-            task_status.started(bound)
+    async with trio.open_nursery() as connections, trio.open_nursery() as acceptor:
+        gw.stop_accepting = acceptor.cancel_scope.cancel
+        await acceptor.start(
+            partial(trio.serve_listeners, partial(handle_stream, gw), listeners, handler_nursery=connections)
+        )
+        task_status.started(bound)

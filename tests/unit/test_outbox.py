@@ -1,7 +1,7 @@
 """The send queue and the closing of a connection (gateway/connection.py), over in-memory streams.
 
-The server side is the gateway's :class:`Socket` on an already upgraded wsproto connection; the client side
-is plain wsproto reading the bytes the server wrote. Nothing reads the server's socket here, so a close
+The server side is the gateway's :class:`WebSocket` past the HTTP upgrade (its reader not running); the client
+side is plain wsproto reading the bytes the server wrote. Nothing reads the server's socket here, so a close
 handshake never completes: :meth:`Connection.finish` ends at ``close_timeout`` by aborting (the autojump
 clock makes that instant). What matters is what was written before.
 """
@@ -14,7 +14,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Request, TextMessage
 
 from pocketbridge.errors import EXPECTED_AUTH, TRY_AGAIN
-from pocketbridge.gateway.connection import Connection, Outbox, Socket
+from pocketbridge.gateway.connection import Connection, Outbox
+from pocketbridge.gateway.wsconn import WebSocket
 
 CLOSE_TIMEOUT = 5.0
 
@@ -73,24 +74,25 @@ async def test_get_many_stops_at_a_cancel_even_with_messages_queued() -> None:
 
 
 # --- Connection.finish ------------------------------------------------------------------------------------------
-def upgraded() -> tuple[WSConnection, WSConnection]:
-    """A server and a client wsproto connection past the HTTP upgrade."""
-    server, client = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
-    server.receive_data(client.send(Request(host="test", target="/ws")))
-    assert isinstance(next(server.events()), Request)
-    client.receive_data(server.send(AcceptConnection()))
+async def upgraded(**queue: int) -> tuple[Connection, trio.abc.ReceiveStream, WSConnection]:
+    """A gateway :class:`Connection` on a :class:`WebSocket` past the HTTP upgrade (its reader not running),
+    the client's end of the stream and the client's wsproto connection."""
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    client = WSConnection(ConnectionType.CLIENT)
+    await client_stream.send_all(client.send(Request(host="test", target="/ws")))
+    ws = WebSocket(server_stream, max_message_bytes=1 << 20, handshake_message_bytes=1 << 16, max_fragments=64)
+    request = await ws.receive_request()
+    assert request is not None and request.target == "/ws"
+    await ws.accept()
+    client.receive_data(bytes(await client_stream.receive_some(65536)))
     assert isinstance(next(client.events()), AcceptConnection)
-    return server, client
-
-
-def connection(stream: trio.abc.Stream, server: WSConnection, **queue: int) -> Connection:
-    ws = Socket(stream, server, max_message_size=1 << 20, handshake_message_size=1 << 16, max_fragments=64)
-    return Connection(
+    conn = Connection(
         ws, "test",
         send_queue_messages=queue.get("messages", 100),
         send_queue_bytes=queue.get("size", 1 << 20),
         close_timeout=CLOSE_TIMEOUT,
     )
+    return conn, client_stream, client
 
 
 async def received(stream: trio.abc.ReceiveStream, client: WSConnection) -> list[Event]:
@@ -101,7 +103,7 @@ async def received(stream: trio.abc.ReceiveStream, client: WSConnection) -> list
             data = await stream.receive_some(65536)
             if not data:
                 return events
-            client.receive_data(data)
+            client.receive_data(bytes(data))
             for event in client.events():
                 events.append(event)
                 if isinstance(event, CloseConnection):
@@ -125,9 +127,7 @@ def summary(events: list[Event]) -> list[tuple[str, object]]:
 async def test_close_right_after_a_message_woke_the_writer(autojump_clock: trio.abc.Clock) -> None:
     """The writer was waiting, a reply is queued (waking it) and the connection is closed before the writer
     runs: the reply and then the close frame are written."""
-    server, client = upgraded()
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    conn = connection(server_stream, server)
+    conn, client_stream, client = await upgraded()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run_writer)
         await trio.testing.wait_all_tasks_blocked()
@@ -142,9 +142,7 @@ async def test_close_right_after_a_message_woke_the_writer(autojump_clock: trio.
 
 async def test_close_flushes_the_queue_then_final_message_then_close_frame(autojump_clock: trio.abc.Clock) -> None:
     """Queued messages (a protocol ping as a ping frame) go out before the final message and the close frame."""
-    server, client = upgraded()
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    conn = connection(server_stream, server)
+    conn, client_stream, client = await upgraded()
     conn.send('{"n":1}')
     conn.send_ping()
     conn.send('{"n":2}')
@@ -163,9 +161,7 @@ async def test_close_flushes_the_queue_then_final_message_then_close_frame(autoj
 
 
 async def test_overflow_skips_the_queue_but_sends_the_close_frame(autojump_clock: trio.abc.Clock) -> None:
-    server, client = upgraded()
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    conn = connection(server_stream, server, messages=2)
+    conn, client_stream, client = await upgraded(messages=2)
     for n in range(3):  # the third does not fit: closed with 1013
         conn.send(f'{{"n":{n}}}')
     assert (conn.overflowed, conn.close_reason) == (True, TRY_AGAIN)
