@@ -100,7 +100,7 @@ CREATE TABLE IF NOT EXISTS instances (
     last_beat   timestamptz NOT NULL
 );
 
--- Security-relevant actions (ids shortened to 8 characters; never keys, signatures or payloads).
+-- Security-relevant actions (full device and user ids; never keys, signatures, codes or payloads).
 CREATE TABLE IF NOT EXISTS audit_log (
     id     bigserial PRIMARY KEY,
     at     timestamptz NOT NULL,
@@ -127,6 +127,9 @@ CREATE OR REPLACE FUNCTION pb_ts(ms bigint) RETURNS timestamptz
     LANGUAGE sql IMMUTABLE AS $$ SELECT to_timestamp(ms / 1000.0) $$;
 
 -- One event, one round trip: idempotency, quota, server_seq and stream_seq in one call (§5.4).
+-- The PostgreSQL fast path of the append rule: the same checks in the same order as rules.append_event
+-- (pocketbridge/store/rules.py, which SQLite and the in-memory store run). Change both together;
+-- tests/unit/test_store_contract.py runs the same cases on every backend.
 -- outcome: stored | duplicate | conflict | revoked | deleting | quota_exceeded
 -- p_max_bytes: stored payload bytes allowed per user; p_rate: payload bytes per minute (0 = unlimited).
 DROP FUNCTION IF EXISTS pb_append_event(text, text, text, bigint, text, text, text, integer, bigint, bigint);

@@ -14,7 +14,6 @@ from pocketbridge.protocol.handshake import (
     ServerHandshake,
     ServerIdentity,
     SessionKeys,
-    dedupe_device_name,
     digest_c,
     digest_s,
     handshake_body,
@@ -22,6 +21,7 @@ from pocketbridge.protocol.handshake import (
     parse_client_hello,
     sanitize_device_name,
 )
+from pocketbridge.protocol.names import dedupe_device_name
 from pocketbridge.protocol.replay import (
     ReplayParams,
     make_token,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -19,15 +19,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pocketbridge.errors import INVALID_SIGNATURE, ProtocolClose, missing_or_invalid
 from pocketbridge.protocol.envelope import Message, is_hex, is_uuid4
 from pocketbridge.protocol.keys import load_public_key
+from pocketbridge.protocol.names import MAX_DEVICE_NAME
 
 DEVICE_TYPES = frozenset({"mobile", "desktop", "web"})
-MAX_DEVICE_NAME = 50
 TOKEN_KEY_INFO = b"pocketbridge continuation-token v1"
 _SESSION_INFOS = (b"pocketbridge_client_to_server_v1", b"pocketbridge_server_to_client_v1", b"pocketbridge_session_v1")
 # Unicode Cc and Cs, the bidirectional controls (they reorder what a UI shows: "gpj.exe" displayed as "exe.jpg"),
 # and markup. Other format characters stay: ZWJ (U+200D) joins emoji sequences.
 _NAME_DROP_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069<>]")
-_NUMBERED_RE = re.compile(r"(.*) \(([0-9]+)\)", re.DOTALL)
 _AUTH_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
     ("user_id", lambda v: is_hex(v, 64)),
     ("device_id", is_uuid4),
@@ -124,21 +123,6 @@ def sanitize_device_name(name: object) -> str | None:
 def device_name_has_invalid_chars(name: str) -> bool:
     """The strict rule of the REST rename (§10.3): whether ``name`` has a character the handshake would drop."""
     return _NAME_DROP_RE.search(name) is not None
-
-
-def dedupe_device_name(name: str, taken: Collection[str]) -> str:
-    """``name``, or the first free ``base (n)``, n ≥ 2, with ``base`` shortened to stay within 50 code points."""
-    if name not in taken:
-        return name
-    numbered = _NUMBERED_RE.fullmatch(name)
-    base = numbered.group(1) if numbered and int(numbered.group(2)) >= 2 else name
-    n = 2
-    while True:
-        suffix = f" ({n})"
-        candidate = base[: MAX_DEVICE_NAME - len(suffix)] + suffix
-        if candidate not in taken:
-            return candidate
-        n += 1
 
 
 # --- server identity and digests -------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """Storage: the source of truth, behind one small interface.
 
-Backends: ``sqlite`` (embedded default, :mod:`pocketbridge.store.sqlite`) and ``postgres``.
-Every write goes through one batching writer task (:mod:`pocketbridge.store.writer`): events of many
-connections, device admissions, presence and cursor moves are committed together per transaction,
-so the hot path never pays a store round trip per event. Reads use their own connections.
+Backends: ``sqlite`` (embedded default, :mod:`pocketbridge.store.sqlite`), ``postgres``, and the
+in-memory store for tests (:mod:`pocketbridge.store.memory`). Every write is a typed operation
+(:mod:`pocketbridge.store.ops`) whose decisions are written once (:mod:`pocketbridge.store.rules`)
+over small role interfaces each backend implements with its SQL. Writes go through one batching writer
+task (:mod:`pocketbridge.store.writer`): events of many connections, device admissions, presence and
+cursor moves are committed together per transaction, so the hot path never pays a store round trip per
+event. Reads use their own connections.
 
 Errors: a backend raises :class:`~pocketbridge.errors.StoreUnavailable` when it cannot answer in
 time; the gateway maps that to close 1013 and the HTTP side to 503.
@@ -212,7 +215,6 @@ def paginate(rows: Any, limit: int, max_bytes: int) -> Page:
     return Page(events, False)
 
 
-
 CommitHook = Callable[[Sequence[StoredEvent]], Awaitable[None]]
 
 
@@ -284,7 +286,7 @@ class Store(Protocol):
         None when the initiator's account is at the device limit."""
 
     async def complete_pairing(
-        self, code: str, device_id: str, max_devices: int, peer: str = "", failure_limits: tuple[int, int] = (0, 0)
+        self, code: str, device_id: str, max_devices: int, peer: str, failure_limits: tuple[int, int]
     ) -> PairingResult:
         """§7 steps 3–6 atomically. Check and charge in one step, across instances: with ``failure_limits``
         (per address per hour, deployment-wide per minute; 0 = none) an exhausted limit refuses before the
@@ -318,7 +320,7 @@ class Store(Protocol):
     def note_audit(
         self, at_ms: int, action: str, actor: str | None, target: str | None, peer: str | None, detail: str | None
     ) -> None:
-        """Record a security-relevant action (coalesced with the next write; ids already shortened)."""
+        """Record a security-relevant action (coalesced with the next write; never keys or payloads)."""
 
     async def audit_log(self, limit: int, action: str | None) -> list[AuditRecord]:
         """Newest audit records first."""
@@ -377,7 +379,7 @@ class Store(Protocol):
         """Report each write batch's and read's latency to ``hook(kind, seconds)``."""
 
     def stats(self) -> dict[str, float]:
-        """Gauges for metrics: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open."""
+        """Gauges for metrics: pool_size, pool_idle, pool_waiting, writer_queue, breaker_open, audit_dropped."""
 
     def space_low(self) -> bool:
         """Free disk is below ``[storage] min_free_bytes``: new events are refused (STORAGE_FULL)."""

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS seen_signatures (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_signatures_expiry ON seen_signatures (expires_at);
 
--- Security-relevant actions (ids shortened to 8 characters; never keys, signatures or payloads).
+-- Security-relevant actions (full device and user ids; never keys, signatures, codes or payloads).
 CREATE TABLE IF NOT EXISTS audit_log (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     at     INTEGER NOT NULL,

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
-from ..audit import AuditThrottle
+from ..audit import AuditRow, AuditThrottle
 from ..clock import Clock
 from ..errors import StorageFull, StoreUnavailable
+from ..protocol.events import NewEvent
 from ..tracing import span
-
-if TYPE_CHECKING:
-    from ..protocol.events import NewEvent
 from . import (
     Admission,
     AdmitRequest,
@@ -37,13 +35,33 @@ from . import (
     StoredEvent,
     Unrevoke,
 )
+from .ops import (
+    AdmitOp,
+    AppendOp,
+    BeatOp,
+    CoalescedOp,
+    CompletePairingOp,
+    DeleteUserEventsOp,
+    DeleteUserOp,
+    GetProfileOp,
+    MarkDeletingOp,
+    PairingCodeOp,
+    PresenceOp,
+    ProbeOp,
+    PurgeOp,
+    RenameOp,
+    RevokeOp,
+    SignatureOp,
+    UnrevokeOp,
+    UpdateProfileOp,
+    WriteOp,
+)
 
 log = logging.getLogger("pocketbridge.store")
 
 FLUSH_INTERVAL = 1.0
-READS_CURSORS = frozenset({"admit", "complete_pairing"})
-OFF_LOOP = frozenset({"delete_user_events", "delete_user", "purge"})  # long operations: never on the event loop
 MAX_PENDING_AUDIT = 10_000
+R = TypeVar("R")
 
 
 class Breaker:
@@ -72,24 +90,23 @@ class Breaker:
         self._cooldown = self._base
 
 
-class Op:
-    """One write operation: ``kind`` names the backend handler, ``args`` its arguments."""
+class Pending(Generic[R]):
+    """A submitted operation: its ``result`` (or ``error``) is set by the backend's apply_batch."""
 
-    __slots__ = ("kind", "args", "result", "error", "done")
+    __slots__ = ("op", "result", "error", "done")
+    result: R
 
-    def __init__(self, kind: str, args: tuple[Any, ...]) -> None:
-        self.kind = kind
-        self.args = args
-        self.result: Any = None
+    def __init__(self, op: WriteOp[R]) -> None:
+        self.op = op
         self.error: BaseException | None = None
         self.done = trio.Event()
 
 
-# apply_batch(ops, now_ms) sets op.result / op.error on each operation and returns the events it
+# apply_batch(batch, now_ms) sets result / error on each pending operation and returns the events it
 # stored, in commit order; it raises only when the whole batch failed. It runs in a worker thread,
 # unless the backend gives a separate ``commit`` callable: then apply_batch runs on the event loop
 # (leaving the transaction open) and only ``commit`` runs in a thread.
-ApplyBatch = Callable[[Sequence[Op], int], list[StoredEvent]]
+ApplyBatch = Callable[[Sequence[Pending[Any]], int], list[StoredEvent]]
 
 
 class BatchWriter:
@@ -111,10 +128,10 @@ class BatchWriter:
         self._batch_size = batch_size
         self._op_timeout = op_timeout
         self._clock = clock
-        self._send, self._receive = trio.open_memory_channel[Op](batch_size * 4)
+        self._send, self._receive = trio.open_memory_channel[Pending[Any]](batch_size * 4)
         self._cursors: dict[str, tuple[str, int]] = {}
         self._seen: dict[str, str] = {}  # device_id -> user_id
-        self._audit: list[tuple[Any, ...]] = []
+        self._audit: list[AuditRow] = []
         self.audit_dropped = 0
         self.audit_throttle = AuditThrottle()
         self._last_flush = 0.0
@@ -123,22 +140,22 @@ class BatchWriter:
         self.on_failure: Callable[[], None] = lambda: None  # a batch failed (its outcome may be unknown)
         self.failing: str | None = None  # None, "storage_full" or "write_failed" until a batch commits again
 
-    async def submit(self, kind: str, *args: Any) -> Any:
+    async def submit(self, op: WriteOp[R]) -> R:
         """Queue one operation and wait for its commit; StoreUnavailable after ``op_timeout``."""
         self._breaker.check()
-        op = Op(kind, args)
+        pending = Pending(op)
         self.queued += 1
         try:
             with trio.move_on_after(self._op_timeout):
-                await self._send.send(op)
-                await op.done.wait()
+                await self._send.send(pending)
+                await pending.done.wait()
         finally:
             self.queued -= 1
-        if not op.done.is_set():
+        if not pending.done.is_set():
             raise StoreUnavailable("store write timed out")
-        if op.error is not None:
-            raise op.error
-        return op.result
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         known = self._cursors.get(device_id)
@@ -148,18 +165,18 @@ class BatchWriter:
     def note_seen(self, device_id: str, user_id: str) -> None:
         self._seen[device_id] = user_id
 
-    def note_audit(self, record: tuple[Any, ...]) -> None:
+    def note_audit(self, record: AuditRow) -> None:
         if not self.audit_throttle.admit(record, trio.current_time()):
             return
         self._append_audit(record)
 
-    def _append_audit(self, record: tuple[Any, ...]) -> None:
+    def _append_audit(self, record: AuditRow) -> None:
         if len(self._audit) >= MAX_PENDING_AUDIT:
             self.audit_dropped += 1
             return
         self._audit.append(record)
 
-    def _take_coalesced(self, force: bool) -> Op | None:
+    def _take_coalesced(self, force: bool) -> Pending[None] | None:
         """The pending cursor and activity updates as one operation, at most once a second."""
         now = trio.current_time()
         if not force and now - self._last_flush < FLUSH_INTERVAL:
@@ -172,13 +189,13 @@ class BatchWriter:
         cursors, self._cursors = self._cursors, {}
         seen, self._seen = self._seen, {}
         audit, self._audit = self._audit, []
-        return Op("coalesced", (cursors, seen, audit))
+        return Pending(CoalescedOp(cursors, seen, audit))
 
     async def run(self, on_commit: CommitHook) -> None:
         try:
             previous = 0
             while True:
-                batch: list[Op] = []
+                batch: list[Pending[Any]] = []
                 with trio.move_on_after(FLUSH_INTERVAL):
                     batch.append(await self._receive.receive())
                 if previous > 1 and self._linger:
@@ -191,13 +208,13 @@ class BatchWriter:
                     except trio.WouldBlock:
                         break
                 # Operations that read cursors see every cursor noted before them.
-                coalesced = self._take_coalesced(force=any(op.kind in READS_CURSORS for op in batch))
+                coalesced = self._take_coalesced(force=any(p.op.reads_cursors for p in batch))
                 if coalesced is not None:
                     batch.insert(0, coalesced)
                 if not batch and self.failing is not None:
                     # writes failed and nobody is writing: a tiny real write finds out when they work
                     # again (space freed, database back), so /health recovers by itself
-                    batch.append(Op("probe", ()))
+                    batch.append(Pending(ProbeOp()))
                 if batch:
                     await self._commit(batch, on_commit)
                 previous = len(batch)
@@ -207,13 +224,13 @@ class BatchWriter:
                 if coalesced is not None:
                     await self._commit([coalesced], on_commit)
 
-    async def _commit(self, batch: list[Op], on_commit: CommitHook) -> None:
+    async def _commit(self, batch: list[Pending[Any]], on_commit: CommitHook) -> None:
         now_ms = self._clock.now_ms()
         stored: list[StoredEvent] = []  # only a committed batch is published
         started = trio.current_time()
         try:
             with span("store.batch", operations=len(batch)):
-                if self._commit_fn is not None and not any(op.kind in OFF_LOOP for op in batch):
+                if self._commit_fn is not None and not any(p.op.off_loop for p in batch):
                     # the statements are quick: run them here; only the commit (fsync) goes to a thread
                     applied = self._apply_batch(batch, now_ms)
                     with trio.CancelScope(shield=True):  # an applied batch is always committed or rolled back
@@ -240,16 +257,16 @@ class BatchWriter:
             except Exception:
                 # Fan-out is the fast path only: receivers find the events by replay or gap fill.
                 log.exception("commit hook failed for %d events", len(stored))
-        for op in batch:
-            op.done.set()
+        for pending in batch:
+            pending.done.set()
 
-    def _apply_and_commit(self, batch: Sequence[Op], now_ms: int) -> list[StoredEvent]:
+    def _apply_and_commit(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         assert self._commit_fn is not None
         applied = self._apply_batch(batch, now_ms)
         self._commit_fn()
         return applied
 
-    def _failed(self, batch: Sequence[Op], error: StoreUnavailable, cause: BaseException) -> None:
+    def _failed(self, batch: Sequence[Pending[Any]], error: StoreUnavailable, cause: BaseException) -> None:
         """A batch failed as a whole: nothing of it is acked or published. Its outcome may still be
         unknown (a connection lost after COMMIT was sent): ``on_failure`` makes the instance re-read
         the committed heads from the store, so whatever did commit is delivered from the store."""
@@ -271,26 +288,42 @@ class BatchWriter:
         self.failing = state
 
     @staticmethod
-    def _fail(batch: Sequence[Op], exc: BaseException) -> None:
-        for op in batch:
-            op.result = None
-            op.error = exc
+    def _fail(batch: Sequence[Pending[Any]], exc: BaseException) -> None:
+        for pending in batch:
+            pending.error = exc
+
+
+class Writer(Protocol):
+    """What the write half of the Store needs of its writer: :class:`BatchWriter`, or the in-memory
+    store's ``InlineWriter``."""
+
+    failing: str | None
+    on_failure: Callable[[], None]
+    observe: Callable[[str, float], None]
+
+    async def submit(self, op: WriteOp[R]) -> R: ...
+
+    def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None: ...
+
+    def note_seen(self, device_id: str, user_id: str) -> None: ...
+
+    def note_audit(self, record: AuditRow) -> None: ...
 
 
 class BatchedWrites:
     """The write half of the Store interface, shared by the backends: every write is an operation
-    of the batching writer (``self._writer``), applied inside the batch transaction by the backend's
-    ``_w_<kind>`` method."""
+    (:mod:`pocketbridge.store.ops`) of the writer (``self._writer``), whose rule runs inside the
+    batch transaction on the backend's :class:`~pocketbridge.store.rules.StoreTx`."""
 
-    _writer: BatchWriter
+    _writer: Writer
 
     async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission:
-        return await self._writer.submit("admit", request)  # type: ignore[no-any-return]
+        return await self._writer.submit(AdmitOp(request))
 
     async def append_event(self, event: NewEvent) -> EventResult:
         if self.space_low():
             return EventResult(Outcome.STORAGE_FULL)
-        return await self._writer.submit("event", event)  # type: ignore[no-any-return]
+        return await self._writer.submit(AppendOp(event))
 
     def space_low(self) -> bool:
         """Free disk below ``[storage] min_free_bytes`` (only the embedded store watches its disk)."""
@@ -305,50 +338,52 @@ class BatchedWrites:
         self._writer.on_failure = hook
 
     async def set_presence(self, device_id: str, connection_id: str, online: bool) -> int:
-        return await self._writer.submit("presence", device_id, connection_id, online)  # type: ignore[no-any-return]
+        return await self._writer.submit(PresenceOp(device_id, connection_id, online))
+
+    async def beat(self, instance_id: str, stale_after_ms: int) -> int:
+        """Record this instance as alive; set devices of instances silent for ``stale_after_ms`` offline."""
+        return await self._writer.submit(BeatOp(instance_id, stale_after_ms))
 
     async def create_pairing_code(
         self, user_id: str, device_id: str, ttl_ms: int, max_devices: int
     ) -> tuple[str, int] | None:
-        return await self._writer.submit("pairing_code", user_id, device_id, ttl_ms, max_devices)  # type: ignore[no-any-return]
+        return await self._writer.submit(PairingCodeOp(user_id, device_id, ttl_ms, max_devices))
 
     async def complete_pairing(
-        self, code: str, device_id: str, max_devices: int, peer: str = "", failure_limits: tuple[int, int] = (0, 0)
+        self, code: str, device_id: str, max_devices: int, peer: str, failure_limits: tuple[int, int]
     ) -> PairingResult:
-        return await self._writer.submit(  # type: ignore[no-any-return]
-            "complete_pairing", code, device_id, max_devices, peer, failure_limits
-        )
+        return await self._writer.submit(CompletePairingOp(code, device_id, max_devices, peer, failure_limits))
 
     async def revoke_device(self, device_id: str, reason: str, user_id: str | None = None) -> Device | None:
-        return await self._writer.submit("revoke", device_id, reason, user_id)  # type: ignore[no-any-return]
+        return await self._writer.submit(RevokeOp(device_id, reason, user_id))
 
     async def mark_deleting(self, user_id: str) -> bool:
-        return await self._writer.submit("mark_deleting", user_id)  # type: ignore[no-any-return]
+        return await self._writer.submit(MarkDeletingOp(user_id))
 
     async def delete_user(self, user_id: str) -> DeletedCounts:
         events = 0
-        while n := await self._writer.submit("delete_user_events", user_id):
+        while n := await self._writer.submit(DeleteUserEventsOp(user_id)):
             events += n
-        counts: DeletedCounts = await self._writer.submit("delete_user", user_id)
+        counts = await self._writer.submit(DeleteUserOp(user_id))
         return DeletedCounts(counts.devices, counts.events + events)
 
     async def purge(self, retention_ms: int, ttl_grace_ms: int, limit: int, audit_ms: int) -> int:
-        return await self._writer.submit("purge", retention_ms, ttl_grace_ms, limit, audit_ms)  # type: ignore[no-any-return]
+        return await self._writer.submit(PurgeOp(retention_ms, ttl_grace_ms, limit, audit_ms))
 
     async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename:
-        return await self._writer.submit("rename", user_id, device_id, name)  # type: ignore[no-any-return]
+        return await self._writer.submit(RenameOp(user_id, device_id, name))
 
     async def unrevoke_device(self, device_id: str, max_devices: int) -> Unrevoke:
-        return await self._writer.submit("unrevoke", device_id, max_devices)  # type: ignore[no-any-return]
+        return await self._writer.submit(UnrevokeOp(device_id, max_devices))
 
     async def get_profile(self, user_id: str) -> Profile:
-        return await self._writer.submit("get_profile", user_id)  # type: ignore[no-any-return]
+        return await self._writer.submit(GetProfileOp(user_id))
 
     async def update_profile(self, user_id: str, changes: dict[str, Any]) -> Profile:
-        return await self._writer.submit("update_profile", user_id, changes)  # type: ignore[no-any-return]
+        return await self._writer.submit(UpdateProfileOp(user_id, changes))
 
     async def remember_signature(self, signature: str, expires_ms: int) -> bool:
-        return await self._writer.submit("signature", signature, expires_ms)  # type: ignore[no-any-return]
+        return await self._writer.submit(SignatureOp(signature, expires_ms))
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         self._writer.note_cursor(device_id, user_id, cursor)
