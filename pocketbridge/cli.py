@@ -14,6 +14,7 @@ import trio
 from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
+from .admin_cli import add_admin_parser
 from .config import Config, describe_problems, load_config, render_config
 from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError, find_error
 from .logs import setup_logging
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .client.cli import add_client_parser
 
     add_client_parser(sub)
+    add_admin_parser(sub)
     return parser
 
 

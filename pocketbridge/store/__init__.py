@@ -163,6 +163,19 @@ class Profile:
 
 
 @attrs.frozen
+class UserSummary:
+    """One account as the admin API lists it."""
+
+    user_id: str
+    created_at: int
+    last_activity: int | None
+    devices: int  # not revoked
+    revoked_devices: int
+    stored_bytes: int
+    deleting: bool
+
+
+@attrs.frozen
 class RevokedDevice:
     device_id: str
     user_id: str
@@ -353,6 +366,12 @@ class Store(Protocol):
 
     async def list_devices(self, user_id: str) -> list[Device]:
         """The user's non-revoked devices."""
+
+    async def list_users(self, limit: int) -> list[UserSummary]:
+        """Accounts, most recently active first (admin API)."""
+
+    async def all_devices(self, user_id: str | None, limit: int) -> list[Device]:
+        """Devices of ``user_id`` (or of everyone), revoked ones included, newest registration first (admin API)."""
 
     async def rename_device(self, user_id: str, device_id: str, name: str) -> Rename: ...
 

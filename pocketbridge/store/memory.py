@@ -31,6 +31,7 @@ from . import (
     Quota,
     RevokedDevice,
     StoredEvent,
+    UserSummary,
     paginate,
     rules,
 )
@@ -428,6 +429,22 @@ class MemoryStore(BatchedWrites):
 
     async def list_devices(self, user_id: str) -> list[Device]:
         return (await self._read()).live_devices(user_id)
+
+    async def list_users(self, limit: int) -> list[UserSummary]:
+        tables = await self._read()
+        summaries = []
+        for user_id, user in tables.users.items():
+            devices = [r.device for r in tables.devices.values() if r.device.user_id == user_id]
+            live = sum(d.revoked_at is None for d in devices)
+            summaries.append(UserSummary(user_id, user.created_at, user.last_activity, live, len(devices) - live,
+                                         user.stored_bytes, user.deleting))
+        summaries.sort(key=lambda u: u.last_activity or u.created_at, reverse=True)
+        return summaries[:limit]
+
+    async def all_devices(self, user_id: str | None, limit: int) -> list[Device]:
+        rows = [r.device for r in (await self._read()).devices.values() if user_id in (None, r.device.user_id)]
+        rows.sort(key=lambda d: d.registered_at, reverse=True)
+        return rows[:limit]
 
     async def revoked_devices(self, user_id: str | None, limit: int) -> list[RevokedDevice]:
         rows = [r for r in (await self._read()).devices.values()

@@ -37,6 +37,7 @@ from . import (
     Profile,
     RevokedDevice,
     StoredEvent,
+    UserSummary,
     paginate,
 )
 from .ops import AppendOp, CoalescedOp
@@ -623,6 +624,21 @@ class PostgresStore(BatchedWrites):
     async def list_devices(self, user_id: str) -> list[Device]:
         sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = %s AND revoked_at IS NULL"
         return await self._rows(Device, sql, (user_id,))
+
+    async def list_users(self, limit: int) -> list[UserSummary]:
+        sql = (
+            "SELECT u.user_id, pb_ms(u.created_at), pb_ms(u.last_activity),"
+            " count(d.device_id) FILTER (WHERE d.revoked_at IS NULL),"
+            " count(d.device_id) FILTER (WHERE d.revoked_at IS NOT NULL), u.stored_bytes, u.deleting"
+            " FROM users u LEFT JOIN devices d ON d.user_id = u.user_id GROUP BY u.user_id"
+            " ORDER BY coalesce(u.last_activity, u.created_at) DESC LIMIT %s"
+        )
+        return await self._rows(UserSummary, sql, (limit,))
+
+    async def all_devices(self, user_id: str | None, limit: int) -> list[Device]:
+        sql = (f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE (%s::text IS NULL OR user_id = %s)"
+               " ORDER BY registered_at DESC LIMIT %s")
+        return await self._rows(Device, sql, (user_id, user_id, limit))
 
     async def revoked_devices(self, user_id: str | None, limit: int) -> list[RevokedDevice]:
         return await self._rows(

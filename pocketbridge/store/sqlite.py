@@ -38,6 +38,7 @@ from . import (
     Quota,
     RevokedDevice,
     StoredEvent,
+    UserSummary,
     paginate,
     rules,
 )
@@ -583,6 +584,24 @@ class SqliteStore(BatchedWrites):
     async def list_devices(self, user_id: str) -> list[Device]:
         sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? AND revoked_at IS NULL"
         return await self._rows(_device, sql, (user_id,))
+
+    async def list_users(self, limit: int) -> list[UserSummary]:
+        sql = (
+            "SELECT u.user_id, u.created_at, u.last_activity,"
+            " (SELECT count(*) FROM devices d WHERE d.user_id = u.user_id AND d.revoked_at IS NULL),"
+            " (SELECT count(*) FROM devices d WHERE d.user_id = u.user_id AND d.revoked_at IS NOT NULL),"
+            " u.stored_bytes, u.deleting FROM users u ORDER BY coalesce(u.last_activity, u.created_at) DESC LIMIT ?"
+        )
+        def summary(user_id: str, created: int, active: int | None, live: int, revoked: int, stored: int,
+                    deleting: int) -> UserSummary:
+            return UserSummary(user_id, created, active, live, revoked, stored, bool(deleting))
+
+        return await self._rows(summary, sql, (limit,))
+
+    async def all_devices(self, user_id: str | None, limit: int) -> list[Device]:
+        sql = (f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE (? IS NULL OR user_id = ?)"
+               " ORDER BY registered_at DESC LIMIT ?")
+        return await self._rows(_device, sql, (user_id, user_id, limit))
 
     async def revoked_devices(self, user_id: str | None, limit: int) -> list[RevokedDevice]:
         return await self._rows(

@@ -630,17 +630,17 @@ async def test_admin_revoke_unrevoke_and_listing(config_factory):
             assert r.status_code == 200
             assert set(r.json()) == {"revoked"}
             mine = {phone, bobs, tablet}  # the PostgreSQL database is shared with other tests of the session
-            revoked = [x for x in r.json()["revoked"] if x["deviceId"] in mine]
-            assert [x["deviceId"] for x in revoked] == [bobs, phone]
+            revoked = [x for x in r.json()["revoked"] if x["device_id"] in mine]
+            assert [x["device_id"] for x in revoked] == [bobs, phone]
             for x in revoked:
-                assert set(x) == {"deviceId", "userId", "revokedAt", "reason"} and _is_ms(x["revokedAt"])
-            assert revoked[0]["userId"] == bob.public_hex and revoked[0]["reason"] == "Device revoked by administrator"
-            assert revoked[1]["userId"] == alice.public_hex and revoked[1]["reason"] == "Lost phone"
-            assert revoked[0]["revokedAt"] >= revoked[1]["revokedAt"]
-            r = await http.get(f"/admin/revoked-devices?userId={alice.public_hex}", headers=auth)
-            assert [x["deviceId"] for x in r.json()["revoked"]] == [phone]
+                assert set(x) == {"device_id", "user_id", "revoked_at", "reason"} and _is_ms(x["revoked_at"])
+            assert revoked[0]["user_id"] == bob.public_hex and revoked[0]["reason"] == "Device revoked by administrator"
+            assert revoked[1]["user_id"] == alice.public_hex and revoked[1]["reason"] == "Lost phone"
+            assert revoked[0]["revoked_at"] >= revoked[1]["revoked_at"]
+            r = await http.get(f"/admin/revoked-devices?user_id={alice.public_hex}", headers=auth)
+            assert [x["device_id"] for x in r.json()["revoked"]] == [phone]
             r = await http.get(f"/admin/revoked-devices?userId={alice.public_hex.upper()}", headers=auth)
-            assert [x["deviceId"] for x in r.json()["revoked"]] == [phone]
+            assert [x["device_id"] for x in r.json()["revoked"]] == [phone]
             assert_error(await http.get("/admin/revoked-devices?userId=xyz", headers=auth), 400, "VALIDATION_ERROR")
 
             # unrevoke: at the limit → 409, otherwise the device can handshake again
@@ -662,4 +662,4 @@ async def test_admin_revoke_unrevoke_and_listing(config_factory):
                 assert r.status_code == 200
                 assert {d["device_id"] for d in r.json()["devices"]} == {laptop, phone}
             r = await http.get("/admin/revoked-devices", headers=auth)
-            assert [x["deviceId"] for x in r.json()["revoked"] if x["deviceId"] in mine] == [tablet, bobs]
+            assert [x["device_id"] for x in r.json()["revoked"] if x["device_id"] in mine] == [tablet, bobs]
