@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-SCENARIOS = ("relay", "handshakes", "memory", "replay")
+SCENARIOS = ("relay", "handshakes", "memory", "replay")  # --scenario all
+MORE = ("delete-account", "fragmented")  # slow, or their own kind of figure: only when named
 SOAK = "soak"  # long-running leak check; not part of "all" (see bench/soak.py)
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -24,7 +25,7 @@ def _positive(kind: type) -> Any:
 def add_bench_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "bench",
-        help="measure relay, handshakes, idle memory and replay; soak-test for leaks",
+        help="measure relay, handshakes, idle memory, replay, account deletion, fragmented messages; soak for leaks",
         description=(
             "Load-test a PocketBridge daemon over loopback. Without --url, each scenario starts its own daemon "
             "(python -m pocketbridge serve) with a fresh temporary data dir, free 127.0.0.1 ports and the per-user "
@@ -36,11 +37,14 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--server-pid", type=int, metavar="PID", help="with --url: the server's PID, for RSS and CPU")
     p.add_argument(
         "--scenario",
-        choices=(*SCENARIOS, "all", SOAK),
+        choices=(*SCENARIOS, "all", *MORE, SOAK),
         default="all",
-        help="what to measure (default: all = relay, handshakes, memory, replay). soak: churn, events, replays and "
-        "pairings for --duration seconds against one daemon, sampling its RSS, fds, trio tasks and database size; "
-        "exits 1 if fds or tasks do not return to the idle baseline",
+        help="what to measure (default: all = relay, handshakes, memory, replay). delete-account: store an account "
+        "of --account-mib MiB, delete it (DELETE /api/user) and time it, with another user's ping round trips "
+        "meanwhile. fragmented: stream a --message-mib MiB message as --fragment-bytes continuation frames over one "
+        "connection, sampling the daemon's RSS, and show the 1009 close at the default fragment limit. soak: churn, "
+        "events, replays and pairings for --duration seconds against one daemon, sampling its RSS, fds, trio tasks "
+        "and database size; exits 1 if fds or tasks do not return to the idle baseline",
     )
     p.add_argument(
         "--backend",
@@ -101,6 +105,22 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--concurrency", type=_positive(int), metavar="C", help="concurrent handshakes (default 100)")
     p.add_argument("--idle", type=_positive(int), metavar="N", help="idle connections (default 1000; quick 50)")
     p.add_argument("--replay-events", type=_positive(int), metavar="N", help="events to replay (5000; quick 500)")
+    p.add_argument(
+        "--account-mib", type=_positive(float), metavar="M", help="delete-account: MiB of events (500; quick 20)"
+    )
+    p.add_argument(
+        "--event-mib", type=_positive(float), metavar="M", help="delete-account: MiB per event, <= 10 (10; quick 2)"
+    )
+    p.add_argument(
+        "--message-mib", type=_positive(float), metavar="M", help="fragmented: message size in MiB, <= 16 (16; quick 1)"
+    )
+    p.add_argument(
+        "--fragment-bytes",
+        type=_positive(int),
+        nargs="+",
+        metavar="B",
+        help="fragmented: payload bytes per continuation frame, one run each (default 4096 and 64; quick 64)",
+    )
     p.add_argument("--daemon-log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
 

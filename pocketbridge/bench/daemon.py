@@ -1,4 +1,5 @@
-"""Start and stop private ``pocketbridge serve`` subprocesses for the benchmark (loopback only).
+"""The benchmark's daemons: ``pocketbridge serve`` subprocesses (started with :mod:`.launcher`, loopback only) with
+the benchmark's settings, and what the daemons of a scenario share.
 
 With ``--backend postgres`` / ``--bus redis`` the daemons of a scenario share a :class:`SharedBackend`: a fresh
 PostgreSQL database of the benchmark's own (created, migrated with ``pocketbridge migrate``, dropped WITH (FORCE)
@@ -7,15 +8,9 @@ afterwards), the Redis URL and one identity key file (``pocketbridge keygen``).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,16 +18,10 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..config import SECTIONS, Config, load_config
+from .launcher import ProcessError, ServerProcess, clean_env, run_cli, spawn, wait_started
 
 HOST = "127.0.0.1"
 BIG = 1_000_000_000
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port (tiny race with other programs, acceptable for a benchmark)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _known(section: str, key: str) -> bool:
@@ -87,8 +76,6 @@ def _dsn_host(dsn: str) -> str | None:
 
 def bench_overrides(
     data_dir: Path,
-    ws_port: int,
-    http_port: int,
     *,
     devices: int,
     log_level: str,
@@ -101,8 +88,8 @@ def bench_overrides(
         ("storage", "backend"): "sqlite",
         ("storage", "path"): data_dir / "pocketbridge.db",
         ("bus", "backend"): "memory",
-        ("listen", "ws"): f"{HOST}:{ws_port}",
-        ("listen", "http"): f"{HOST}:{http_port}",
+        ("listen", "ws"): f"{HOST}:0",  # ephemeral ports, read from the banner
+        ("listen", "http"): f"{HOST}:0",
         # the load generator is one user-agent on one address: lift the per-user and per-address limits
         ("limits", "events_per_user_per_minute"): BIG,
         ("limits", "event_burst_per_user"): BIG,
@@ -116,26 +103,6 @@ def bench_overrides(
         **(shared or {}),
     }
     return {f"PB_{sec.upper()}_{key.upper()}": str(value) for (sec, key), value in wanted.items() if _known(sec, key)}
-
-
-def _run_cli(args: list[str], env: dict[str, str], timeout: float, what: str) -> str:
-    """``python -m pocketbridge <args>``, bounded; its output, or RuntimeError with it."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pocketbridge", *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{what} did not finish within {timeout:g} s") from None
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {done.returncode}): {output[-2000:]}")
-    return output
 
 
 class SharedBackend:
@@ -188,9 +155,9 @@ class SharedBackend:
             self.dsn = psycopg.conninfo.make_conninfo(self.choice.admin_dsn, dbname=self.dbname)
             cmd = ["migrate"] + (["--config", self.config_file] if self.config_file else [])
             env = {**self.env, "PB_STORAGE_BACKEND": "postgres", "PB_STORAGE_DSN": self.dsn}
-            self.migrate_output = _run_cli(cmd, env, 120, "pocketbridge migrate")
+            self.migrate_output = run_cli(cmd, env, 120, "pocketbridge migrate")
         if self.dbname is not None or self.choice.instances > 1:
-            _run_cli(["keygen", "--out", str(self.key_file)], self.env, 60, "pocketbridge keygen")
+            run_cli(["keygen", "--out", str(self.key_file)], self.env, 60, "pocketbridge keygen")
 
     def _check_redis(self) -> None:
         import redis
@@ -223,6 +190,19 @@ class SharedBackend:
             return None
         keys = ("commits", "rollbacks", "deadlocks", "rows_inserted", "rows_updated")
         return {k: float(v or 0) for k, v in zip(keys, row, strict=True)}
+
+    def database_bytes(self) -> int | None:
+        """pg_database_size of this database, or None."""
+        if not self._created:
+            return None
+        import psycopg
+
+        try:
+            with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=5) as admin:
+                row = admin.execute("SELECT pg_database_size(%s)", (self.dbname,)).fetchone()
+        except psycopg.Error:
+            return None
+        return int(row[0]) if row else None
 
     def teardown(self) -> None:
         created, self._created = self._created, False
@@ -259,7 +239,11 @@ def describe_config(config: Config) -> dict[str, Any]:
 
 
 class DaemonProcess:
-    """``python -m pocketbridge serve`` with a fresh data dir on free loopback ports; always stop() it."""
+    """``python -m pocketbridge serve`` with a fresh data dir on ephemeral loopback ports; always stop() it.
+
+    The environment is this process's (minus ``PB_CONFIG`` and systemd's variables) plus the benchmark's
+    ``PB_*`` overrides; ``config`` is what the daemon will load (checked here, before it starts).
+    """
 
     def __init__(
         self,
@@ -269,102 +253,75 @@ class DaemonProcess:
         log_level: str,
         keep_dir: bool = False,
         shared: dict[tuple[str, str], Any] | None = None,
+        settings: dict[tuple[str, str], Any] | None = None,
         instance: int = 1,
     ) -> None:
+        """``shared``: what the daemons of a scenario share (:meth:`SharedBackend.overrides`); ``settings``: a
+        scenario's own (section, key) settings, on top of the benchmark's."""
         self.config_file = config_file
         self.devices = devices
         self.log_level = log_level
         self.keep_dir = keep_dir
         self.instance = instance
         self.dir = Path(tempfile.mkdtemp(prefix=f"pb-bench-{instance}-"))
-        self.ws_port = free_port()
-        self.http_port = free_port()
-        while self.http_port == self.ws_port:
-            self.http_port = free_port()
         extra = dict(shared or {})
         if shared:  # readable instance ids in the shared database (instances, devices.instance_id)
             extra.setdefault(("server", "instance_id"), f"bench-{os.getpid()}-{instance}")
-        self.overrides = bench_overrides(
-            self.dir / "data", self.ws_port, self.http_port, devices=devices, log_level=log_level, shared=extra
-        )
-        self.env = {k: v for k, v in os.environ.items() if k != "PB_CONFIG"}
-        self.env.update(self.overrides)
+        extra.update(settings or {})
+        self.overrides = bench_overrides(self.dir / "data", devices=devices, log_level=log_level, shared=extra)
+        self.env = clean_env(self.overrides, base={}, inherit_pb=True)
         self.config = load_config(config_file, env=self.env)  # raises ConfigError early, with every problem
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.dir / "daemon.log"
+        self.server: ServerProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.ws_port}/ws"
+        assert self.server is not None, "start() first"
+        return self.server.ws_url
+
+    @property
+    def http_url(self) -> str:
+        assert self.server is not None, "start() first"
+        return self.server.http_url
+
+    @property
+    def ws_port(self) -> int:
+        return int(urlsplit(self.url).port or 0)
+
+    @property
+    def http_port(self) -> int:
+        return int(urlsplit(self.http_url).port or 0)
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.server.pid if self.server else None
+
+    def exit_status(self) -> int | None:
+        """The exit status if the process has ended, else None."""
+        return self.server.proc.poll() if self.server else None
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait for its banner (RuntimeError with its output if it exits or is silent)."""
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pocketbridge", "serve"]
-        if self.config_file:
-            cmd += ["--config", self.config_file]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.dir
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.proc.returncode} at start:\n{self.log_tail()}")
-            try:
-                with socket.create_connection((HOST, self.ws_port), timeout=0.5):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not accept connections within {timeout:g} s:\n{self.log_tail()}")
-            time.sleep(0.05)
+        args = ["--config", self.config_file] if self.config_file else []
+        self.server = spawn("daemon", self.dir, self.env, args=args, base={}, inherit_pb=True)
+        try:
+            wait_started([self.server], timeout)
+        except ProcessError as exc:
+            raise RuntimeError(f"the daemon did not start: {exc}") from None
 
     def log_summary(self, samples: int = 5) -> dict[str, Any]:
         """Warnings and errors the daemon logged so far (JSON lines, or text with the level as a word)."""
-        counts = {"warning": 0, "error": 0}
-        first: list[str] = []
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
+        if self.server is None:
             return {"warning": None, "error": None, "first": []}
-        for line in text.splitlines():
-            try:
-                entry = json.loads(line)
-                level, msg = str(entry.get("level", "")).lower(), str(entry.get("msg", ""))
-            except (ValueError, AttributeError):
-                words = line.lower().split()
-                level = next((w for w in ("critical", "error", "warning") if w in words), "")
-                msg = line
-            if level == "critical":
-                level = "error"
-            if level in counts:
-                counts[level] += 1
-                if len(first) < samples:
-                    first.append(f"{level}: {msg[:200]}")
-        return {**counts, "first": first}
+        return self.server.log_summary(samples)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no daemon log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return self.server.describe(lines) if self.server else "(not started)"
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; then remove the data dir. Safe to call twice."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=timeout)
-            except ProcessLookupError:
-                pass
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop(timeout)
         if not self.keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -25,10 +25,10 @@ above the baseline + tolerance once settled; that, an activity that never happen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import secrets
 import socket
 import statistics
 import struct
@@ -45,16 +45,19 @@ from urllib.parse import urlsplit
 
 import attrs
 import trio
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from .. import __version__
 from ..client import Client, Closed, DeviceKey, ReceivedEvent, connect, new_device_id
-from ..protocol.auth import sign_pb1
 from .daemon import BackendChoice, DaemonProcess, describe_config
-from .runner import BenchError, Env, Params, backend_choice, scenario_env
+from .env import Env, scenario_env
+from .http import http_request, pb1
+from .params import BenchError, Params
+from .runner import backend_choice
+from .soak_report import render
+from .stats import slope_per_minute
 from .sysinfo import busy_cores, cpu_seconds, machine_info, machine_jiffies, raise_nofile, rss_kb
+from .wire import RawHandshake
 from .worker import describe
 
 STREAM = "clipboard:soak"
@@ -147,76 +150,12 @@ async def pause(stop: trio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-async def wait_closed(client: Client, timeout: float) -> tuple[int | None, str | None]:
-    """Read the client's notices until the server closes it (bounded); the close code and reason."""
-    with trio.fail_after(timeout):
-        try:
-            while True:
-                await client.next_notice()
-        except Closed:
-            pass
-    return client.close_code, client.close_reason
-
-
-# --- HTTP (tiny, one request per connection) -------------------------------------------------------------
-
-
-async def http_request(
-    host: str, port: int, method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b""
-) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on a connection of its own; (status, body). The connection is closed as soon as the
-    response is complete (hypercorn leaves it to the client to close, even after ``Connection: close``)."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close", "Accept: */*"]
-    if body or method not in ("GET", "HEAD"):
-        lines.append(f"Content-Length: {len(body)}")
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-    buf = bytearray()
-    with trio.fail_after(OP_TIMEOUT):
-        stream = await trio.open_tcp_stream(host, port)
-        async with stream:
-            await stream.send_all(raw)
-            while (response := _complete(bytes(buf))) is None:
-                chunk = await stream.receive_some(1 << 16)
-                if not chunk:
-                    raise BenchError(f"{method} {target}: the connection closed after {len(buf)} bytes of response")
-                buf += chunk
-    return response
-
-
-def _complete(data: bytes) -> tuple[int, bytes] | None:
-    """(status, body) if ``data`` holds a whole HTTP/1.1 response (Content-Length or chunked), else None."""
-    head, sep, rest = data.partition(b"\r\n\r\n")
-    if not sep:
-        return None
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split()[1])
-    fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
-    if fields.get("transfer-encoding", "").lower() == "chunked":
-        out = bytearray()
+async def wait_closed(client: Client) -> tuple[int | None, str | None]:
+    """Read the client's notices until the server closes it; the close code and reason."""
+    with contextlib.suppress(Closed):
         while True:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            if not sep:
-                return None
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                return status, bytes(out)
-            if len(rest) < size + 2:
-                return None
-            out += rest[:size]
-            rest = rest[size + 2 :]
-    length = int(fields.get("content-length", "0"))
-    return (status, rest[:length]) if len(rest) >= length else None
-
-
-def pb1(key: DeviceKey, device_id: str, method: str, target: str, body: bytes = b"") -> dict[str, str]:
-    """The X-PB-* headers of a request signed by ``device_id`` (§10.2)."""
-    timestamp = str(time.time_ns() // 1_000_000)
-    return {
-        "X-PB-Device-ID": device_id,
-        "X-PB-Timestamp": timestamp,
-        "X-PB-Signature": sign_pb1(key.seed, method, target, timestamp, device_id, body),
-    }
+            await client.next_notice()
+    return client.close_code, client.close_reason
 
 
 # --- raw WebSocket connections (to drop them without a close handshake) -----------------------------------
@@ -235,10 +174,8 @@ async def raw_websocket(url: str) -> AsyncIterator[tuple[WebSocketConnection, tr
             try:
                 yield ws, stream
             finally:
-                try:
+                with contextlib.suppress(OSError, trio.ClosedResourceError):  # unless already gone
                     stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except (OSError, trio.ClosedResourceError):
-                    pass  # already gone
                 nursery.cancel_scope.cancel()  # the reader task ends without sending a close frame
     finally:
         with trio.CancelScope(shield=True):
@@ -291,25 +228,19 @@ class Load:
                 s.add("connects")
                 async with connect(self.url, key, device, device_type="web", handshake_timeout=OP_TIMEOUT) as second:
                     s.add("connects")
-                    code, reason = await wait_closed(first, OP_TIMEOUT)
+                    with trio.fail_after(OP_TIMEOUT):
+                        code, reason = await wait_closed(first)
                     if code != 1000:
                         raise BenchError(f"the replaced connection was closed with {code} {reason!r}, not 1000")
                     await second.ping()
         elif kind == "aborted":
             async with raw_websocket(self.url) as (ws, _):
-                eph = ec.generate_private_key(ec.SECP256R1()).public_key()
-                hello = {
-                    "type": "client_hello",
-                    "payload": {
-                        "type": "client_hello",
-                        "client_ephemeral_pub": eph.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint).hex(),
-                        "nonce_c": secrets.token_hex(32),
-                    },
-                }
-                await ws.send_message(json.dumps(hello))
-                reply = json.loads(await ws.get_message())
-                if reply.get("type") != "server_hello":
-                    raise BenchError(f"expected server_hello, got {reply.get('type')!r}")
+                hs = RawHandshake(ws, key, device, timeout=OP_TIMEOUT)
+                await hs.hello()
+                try:
+                    await hs.read_server_hello()
+                except AssertionError as exc:
+                    raise BenchError(f"expected a valid server_hello: {exc}") from None
         elif kind == "reset":
             async with raw_websocket(self.url) as (ws, _):
                 client = Client(ws, key, device, ack_event_ids=True, reply_timeout=OP_TIMEOUT)
@@ -343,6 +274,13 @@ class Load:
             )
             s.add("connects", 2)
 
+            sending = [True]
+            drained = trio.Event()  # sending is over and the receiver has every stored event
+
+            def check_drained() -> None:
+                if not sending[0] and stored <= received:
+                    drained.set()
+
             async def receive() -> None:
                 while True:
                     c = counter_of(await receiver.receive_event(ack=True))
@@ -351,6 +289,7 @@ class Load:
                     else:
                         received.add(c)
                         s.add("events_received")
+                        check_drained()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(receive)
@@ -365,9 +304,10 @@ class Load:
                     s.add("events_sent")
                     next_t = max(next_t + interval, trio.current_time() - 1.0)
                     await pause(stop, min(next_t, end) - trio.current_time())
+                sending[0] = False
+                check_drained()
                 with trio.move_on_after(DRAIN):
-                    while not stored <= received:
-                        await trio.sleep(0.02)
+                    await drained.wait()
                 nursery.cancel_scope.cancel()
         s.add("event_losses", len(stored - received))
         s.add("event_sessions")
@@ -468,17 +408,16 @@ class Load:
                 for client, victim in ((joiner, joiner_id), (initiator, initiator_id)):
                     await self._revoke(account, initiator_id, victim)
                     in_account.remove(victim)
-                    code, reason = await wait_closed(client, OP_TIMEOUT)
+                    with trio.fail_after(OP_TIMEOUT):
+                        code, reason = await wait_closed(client)
                     if code != 1000:
                         raise BenchError(f"revoked device closed with {code} {reason!r}, not 1000")
                     s.add("revocations")
         except Exception:
             # a failed round must not leave devices behind: the account would reach its device limit
             for victim in in_account:
-                try:
+                with contextlib.suppress(Exception):  # best effort; the round's own error is reported
                     await self._revoke(account, initiator_id, victim)
-                except Exception:  # noqa: BLE001  (best effort; the round's own error is reported)
-                    pass
             raise
 
     async def _revoke(self, account: DeviceKey, signer: str, victim: str) -> None:
@@ -618,18 +557,6 @@ class Probe:
 
 def _int(value: float | None) -> int | None:
     return None if value is None or math.isnan(value) else int(value)
-
-
-def slope_per_minute(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope of (seconds, value) points, per minute."""
-    if len(points) < 3:
-        return None
-    mt = statistics.fmean(t for t, _ in points)
-    mv = statistics.fmean(v for _, v in points)
-    den = sum((t - mt) ** 2 for t, _ in points)
-    if den <= 0:
-        return None
-    return 60 * sum((t - mt) * (v - mv) for t, v in points) / den
 
 
 def series_summary(samples: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -795,139 +722,6 @@ def verdict(result: dict[str, Any], p: SoakParams) -> dict[str, Any]:
     if result["errors"]["count"]:
         problems.append(f"{result['errors']['count']} errors")
     return {"ok": not leaks and not problems, "leak": bool(leaks), "leaks": leaks, "problems": problems}
-
-
-# --- report --------------------------------------------------------------------------------------------
-
-
-def _mib(kb: float | None) -> str:
-    return "n/a" if kb is None else f"{kb / 1024:.1f}"
-
-
-def _kib(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / 1024:,.0f}"
-
-
-def _n(v: Any) -> str:
-    return "n/a" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:g}"
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.0f}"
-
-
-def _rows(samples: list[dict[str, Any]], most: int = 25) -> list[dict[str, Any]]:
-    if len(samples) <= most:
-        return samples
-    picks = sorted({round(i * (len(samples) - 1) / (most - 1)) for i in range(most)})
-    return [samples[i] for i in picks]
-
-
-def render(summary: dict[str, Any]) -> str:
-    m = summary["machine"]
-    d = summary.get("daemon") or {}
-    lines = [
-        f"PocketBridge {summary['pocketbridge']} soak — {m['cpu_model']}, {m['cores']} cores, {_n(m['ram_mib'])} MiB "
-        f"RAM, Python {m['python']}, kernel {m['kernel']}; machine busy {_n(m.get('busy_cores_before_start'))} "
-        "cores before the start",
-        f"server: {summary['target']}; storage {d.get('storage_backend')}, bus {d.get('bus_backend')}, "
-        f"log {d.get('log_level')}",
-    ]
-    r = summary.get("soak") or {}
-    if "error" in r:
-        lines.append(f"soak: FAILED: {r['error']}")
-        return "\n".join(lines)
-    p = summary["params"]
-    lines.append(
-        f"load {p['duration']:g} s: {p['churn_lanes']} churn lanes x {p['churn_rate']:g}/s, {p['event_users']} event "
-        f"users at {p['event_rate']:g} events/s in {p['session_s']:g}-s sessions, {p['replay_users']} replay users "
-        f"({p['replay_batch']} events per round), a pairing every {p['pairing_interval']:g} s over "
-        f"{p['pairing_accounts']} accounts; samples every {p['interval']:g} s"
-    )
-    b = r["baseline"]
-    pool_text = (
-        f" ({_n(b['fds_adjusted'])} without pooled PostgreSQL connections)"
-        if d.get("storage_backend") == "postgres"
-        else ""
-    )
-    lines.append(
-        f"idle baseline (after a warm-up round): {_n(b['fds'])} fds{pool_text}, {_n(b['tasks'])} trio tasks, RSS "
-        f"{_mib(b['rss_kb'])} MiB, database {_kib(b['db_bytes'])} KiB"
-    )
-    lines.append("")
-    lines.append(
-        f"  {'t (s)':>7}{'RSS MiB':>9}{'fds':>6}{'tasks':>7}{'conns':>7}{'DB KiB':>9}{'CPU %':>7}"
-        f"{'connects':>10}{'events':>9}{'replays':>9}{'pairings':>10}{'errors':>8}"
-    )
-    for s in _rows(r["samples"]):
-        lines.append(
-            f"  {s['t']:>7.1f}{_mib(s['rss_kb']):>9}{_n(s['fds']):>6}{_n(s['tasks']):>7}"
-            f"{_n(s['connections_open']):>7}{_kib(s['db_bytes']):>9}{_pct(s['daemon_cpu_pct']):>7}"
-            f"{s['connects']:>10,}{s['events']:>9,}{s['replays']:>9,}{s['pairings']:>10,}{s['errors']:>8,}"
-        )
-    lines.append("")
-    # label, unit, scale and decimals of the values, scale of the slope, slope unit
-    names = {
-        "rss_kb": ("RSS", " MiB", 1 / 1024, 1, 1, " kB"),
-        "fds": ("fds", "", 1, 0, 1, ""),
-        "tasks": ("trio tasks", "", 1, 0, 1, ""),
-        "db_bytes": ("database", " KiB", 1 / 1024, 0, 1 / 1024, " KiB"),
-    }
-    lines.append("  least-squares slope per minute over the load (and over its second half):")
-    for key, (label, unit, scale, digits, slope_scale, slope_unit) in names.items():
-        x = r["series"][key]
-
-        def v(value: float | None, factor: float, digits: int = 1) -> str:
-            return "n/a" if value is None else f"{value * factor:,.{digits}f}"
-
-        lines.append(
-            f"  {label:<11} start {v(x['start'], scale, digits)}{unit}, end {v(x['end'], scale, digits)}{unit}, "
-            f"max {v(x['max'], scale, digits)}{unit}; slope {v(x['slope_per_min'], slope_scale, 2)}{slope_unit}/min "
-            f"(second half {v(x['slope_per_min_second_half'], slope_scale, 2)}{slope_unit}/min)"
-        )
-    c = r["counts"]
-    lines.append("")
-    lines.append(
-        f"activity: {c.get('connects', 0):,} handshakes; churn cycles {c.get('churn_full', 0):,} full, "
-        f"{c.get('churn_aborted', 0):,} aborted in the handshake, {c.get('churn_reset', 0):,} TCP reset, "
-        f"{c.get('churn_replaced', 0):,} replaced by a second connection; "
-        f"{c.get('events_sent', 0):,} events sent, {c.get('events_received', 0):,} received live "
-        f"({c.get('event_losses', 0)} lost, {c.get('event_duplicates', 0)} duplicates); {c.get('replays', 0):,} "
-        f"replays of {c.get('replayed_events', 0):,} events ({c.get('replay_events_stored', 0):,} stored for them) in "
-        f"{c.get('replay_pages', 0):,} pages "
-        f"({c.get('replay_losses', 0)} lost, {c.get('replay_redelivered', 0)} redelivered); "
-        f"{c.get('pairings', 0):,} pairings, {c.get('revocations', 0):,} revocations"
-    )
-    e = r["errors"]
-    if e["count"]:
-        lines.append(f"errors: {e['count']} ({', '.join(f'{k} {v}' for k, v in e['by_activity'].items())})")
-        lines += [f"  {text}" for text in e["first"][:5]]
-    log = r.get("daemon_log") or {}
-    if (log.get("warning") or 0) + (log.get("error") or 0):
-        lines.append(f"daemon log: {log['warning']} warnings, {log['error']} errors")
-        lines += [f"  {entry}" for entry in log.get("first", [])[:3]]
-    f = r["final"]
-    v = r["verdict"]
-    lines.append("")
-    pooled = d.get("storage_backend") == "postgres"
-    fds_text = (
-        f"{_n(f['fds'])} fds, {_n(f['fds_adjusted'])} without the {_n(f['store_pool_size'])} pooled PostgreSQL "
-        f"connections (limit {_n(r['limits']['fds'])})"
-        if pooled
-        else f"{_n(f['fds'])} fds (limit {_n(r['limits']['fds'])})"
-    )
-    lines.append(
-        f"after the load ({r['settle_s']:g} s to settle): {fds_text}, {_n(f['tasks'])} trio tasks (limit "
-        f"{_n(r['limits']['tasks'])}), {_n(f['connections_open'])} connections open, RSS {_mib(f['rss_kb'])} MiB"
-    )
-    if v["ok"]:
-        verdict_text = "no leak: fds and trio tasks back to the idle baseline; every activity ran without errors"
-    else:
-        verdict_text = "; ".join(
-            ([f"LEAK: {'; '.join(v['leaks'])}"] if v["leaks"] else []) + v["problems"]
-        )
-    lines.append(f"verdict: {verdict_text}")
-    return "\n".join(lines)
 
 
 # --- entry point ---------------------------------------------------------------------------------------

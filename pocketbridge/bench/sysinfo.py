@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
-import sys
 from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -145,24 +143,3 @@ def raise_nofile() -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     return soft, hard
-
-
-def percentiles(samples: list[float], points: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | int | None]:
-    """Nearest-rank percentiles (and max, count) of ``samples`` (ms), rounded to 0.01."""
-    out: dict[str, float | int | None] = {"count": len(samples)}
-    if not samples:
-        for p in points:
-            out[f"p{p:g}"] = None
-        out["max"] = None
-        return out
-    data = sorted(samples)
-    n = len(data)
-    for p in points:
-        rank = max(1, math.ceil(p / 100 * n))
-        out[f"p{p:g}"] = round(data[rank - 1], 2)
-    out["max"] = round(data[-1], 2)
-    return out
-
-
-def platform_is_linux() -> bool:
-    return sys.platform.startswith("linux")

@@ -98,6 +98,14 @@ class Phase:
         self.last_ack_ns = 0
         self.last_all_ns = 0
         self.errors: list[str] = []
+        self.outstanding = 0  # events (of all users) some receiver still misses
+        self.sending = True
+        self.drained = trio.Event()  # set once sending is over and nothing is outstanding
+
+    def settle(self, removed: int = 0) -> None:
+        self.outstanding -= removed
+        if not self.sending and self.outstanding <= 0:
+            self.drained.set()
 
 
 class UserRig:
@@ -176,6 +184,7 @@ class UserRig:
                 if left is not None:
                     if left <= 1:
                         del up.remaining[counter]
+                        ph.settle(1)
                         ph.delivered_all += 1
                         ph.lat_all.append(ms(now - t_ns))
                         ph.last_all_ns = max(ph.last_all_ns, now)
@@ -192,6 +201,8 @@ class UserRig:
         up = self.up
         up.sched[counter] = t_ns
         up.remaining[counter] = len(self.receivers)
+        if self.receivers:
+            self.phase.outstanding += 1
         up.sent += 1
         seq, _, pending = await self.sender.post_event(
             STREAM, TYPE, make_payload(self.phase.id, counter, t_ns, payload_bytes)
@@ -209,7 +220,8 @@ class UserRig:
             if ack.status == "stored":
                 up.stored.add(counter)
             else:
-                up.remaining.pop(counter, None)  # never relayed
+                if up.remaining.pop(counter, None):  # never relayed
+                    ph.settle(1)
             ph.lat_ack.append(ms(now - t_ns))
             ph.last_ack_ns = max(ph.last_ack_ns, now)
             if release is not None:
@@ -323,9 +335,10 @@ class Worker:
         send_end_ns = time.time_ns()
         if send_scope.cancelled_caught:
             phase.errors.append("sending or acks did not finish within duration + drain")
+        phase.sending = False
+        phase.settle()
         with trio.move_on_after(drain):
-            while any(rig.up and rig.up.remaining for rig in self.rigs):
-                await trio.sleep(0.01)
+            await phase.drained.wait()
         cpu = cpu_delta(cpu0)
         end_ns = time.time_ns()
         # losses: stored (acked) events some receiver never got within the drain time

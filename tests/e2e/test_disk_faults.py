@@ -20,9 +20,9 @@ import httpx
 import pytest
 import trio
 
+from pocketbridge.bench.launcher import running
 from pocketbridge.client import Client, ClientError, DeviceKey, ReceivedEvent, connect, new_device_id
 from tests.conftest import IN_CI, make_config, run_daemon
-from tests.e2e.daemon_proc import running
 from tests.e2e.test_store_faults import Receiver, session
 
 MiB = 1024 * 1024

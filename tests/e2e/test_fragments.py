@@ -15,10 +15,10 @@ from trio_websocket import WebSocketConnection
 from wsproto.events import CloseConnection, Ping, Pong
 
 from pocketbridge.app import Running
+from pocketbridge.bench.launcher import running
 from pocketbridge.client import DeviceKey
 from pocketbridge.config import Config
 from tests.conftest import run_daemon
-from tests.e2e.daemon_proc import running
 from tests.e2e.rawclient import (
     RawHandshake,
     WireSocket,

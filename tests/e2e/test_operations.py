@@ -2,7 +2,7 @@
 
 The drain and reload tests run the daemon as a real process (``python -m pocketbridge serve``, SQLite in a tmp data
 dir, 127.0.0.1 only) and send it real signals; the log and audit tests run it in-process on both backends.
-Every wait is bounded and every process is stopped in a ``finally`` (see tests/e2e/daemon_proc.py).
+Every wait is bounded and every process is stopped in a ``finally`` (see pocketbridge/bench/launcher.py).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 import pocketbridge.client
+from pocketbridge.bench.launcher import read_text, running, spawn, wait_banner, wait_exit, wait_for_output
 from pocketbridge.client import Closed, DeviceKey, HandshakeRefused, connect, new_device_id
 from pocketbridge.config import Config
 from pocketbridge.logs import setup_logging
 from tests.conftest import run_daemon
-from tests.e2e.daemon_proc import NotifySocket, read_text, running, spawn, wait_banner, wait_exit, wait_for_output
+from tests.e2e.daemon_proc import NotifySocket
 from tests.e2e.httpclient import bearer, http_client, pb1_headers, signed
 from tests.e2e.rawclient import e2e_config
 

@@ -7,17 +7,13 @@ offline while device A (same user) sends, then reconnects and replays.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pocketbridge.client import (
@@ -30,6 +26,7 @@ from pocketbridge.client import (
 )
 from pocketbridge.config import Config
 from tests.conftest import run_daemon
+from tests.e2e.rawclient import RawHandshake
 
 WAIT = 5  # seconds: the bound on every single wait in these tests
 QUIET = 0.3  # seconds of silence that stand for "nothing else arrives"
@@ -95,34 +92,11 @@ def ids(events: list[Any]) -> list[str]:
 # --- a raw WebSocket session, for exact frames and hand-made requests --------------------------------
 
 
-def _sha(*parts: str) -> bytes:
-    return hashlib.sha256("".join(parts).encode("ascii")).digest()
-
-
-async def raw_handshake(ws: WebSocketConnection, key: DeviceKey, device_id: str) -> dict[str, Any]:
-    """§3 by hand; returns the session_established payload."""
-    eph = ec.generate_private_key(ec.SECP256R1())
-    eph_pub = eph.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint).hex()
-    nonce_c = secrets.token_hex(32)
-    await ws.send_message(json.dumps({"type": "client_hello", "payload": {
-        "type": "client_hello", "client_ephemeral_pub": eph_pub, "nonce_c": nonce_c}}))
-    hello = json.loads(await ws.get_message())
-    assert hello["type"] == "server_hello", hello
-    h = hello["payload"]
-    signature = key.sign(_sha(key.public_hex, device_id, nonce_c, h["nonce_s"], h["server_ephemeral_pub"])).hex()
-    await ws.send_message(json.dumps({"type": "client_auth", "payload": {
-        "type": "client_auth", "user_id": key.public_hex, "device_id": device_id,
-        "client_signature": signature, "nonce_c2": secrets.token_hex(32)}}))
-    established = json.loads(await ws.get_message())
-    assert established["type"] == "session_established", established
-    return established["payload"]  # type: ignore[no-any-return]
-
-
 @asynccontextmanager
 async def raw_session(url: str, key: DeviceKey, device_id: str) -> AsyncIterator[WebSocketConnection]:
     async with open_websocket_url(url) as ws:
         with trio.fail_after(WAIT):
-            await raw_handshake(ws, key, device_id)
+            await RawHandshake(ws, key, device_id).run()
         yield ws
 
 

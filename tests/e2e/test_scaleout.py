@@ -3,7 +3,7 @@
 protocol.md §4 (one connection per device, presence on all instances), §5.5 (relay exactly once, in order, on
 all instances), §8 (revocation on every instance within 1 s), §9 (the device limit holds across instances) and
 §2 (every instance presents the same server key). The processes are started once per module
-(``tests/e2e/procs.py``); each test uses its own user key, so tests do not see each other's traffic.
+(``pocketbridge/bench/launcher.py``); each test uses its own user key, so tests do not see each other's traffic.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from pocketbridge.bench.launcher import ServerProcess, keygen, serve_cluster
 from pocketbridge.client import (
     Client,
     ClientError,
@@ -30,7 +31,6 @@ from pocketbridge.client import (
     new_device_id,
 )
 from pocketbridge.protocol.auth import sign_pb1
-from tests.e2e.procs import ServerProcess, keygen, serve_cluster
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 

@@ -7,10 +7,8 @@ Covers ``session_established``, one connection per device, presence, the app pin
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
-import secrets
 import socket
 import threading
 import time
@@ -22,13 +20,12 @@ import pytest
 import trio
 import trio.testing
 import trio_websocket
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from pocketbridge.client import Client, Closed, DeviceKey, connect, new_device_id
 from pocketbridge.config import Config
 from tests.conftest import run_daemon
+from tests.e2e.rawclient import RawHandshake
 
 WAIT = 5  # seconds: the bound on every single wait in these tests
 QUIET = 0.3  # seconds of silence that stand for "nothing else arrives"
@@ -38,35 +35,6 @@ DAY_MS = 86_400_000
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _sha(*parts: str) -> bytes:
-    return hashlib.sha256("".join(parts).encode("ascii")).digest()
-
-
-async def raw_handshake(
-    ws: WebSocketConnection, key: DeviceKey, device_id: str, *, user_id: str | None = None, **extra: Any
-) -> dict[str, Any]:
-    """§3 by hand (wrapped form); ``user_id``/``device_id`` are sent and signed exactly as given.
-
-    Returns the whole ``session_established`` message.
-    """
-    user_id = key.public_hex if user_id is None else user_id
-    eph = ec.generate_private_key(ec.SECP256R1())
-    eph_pub = eph.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint).hex()
-    nonce_c = secrets.token_hex(32)
-    await ws.send_message(json.dumps({"type": "client_hello", "payload": {
-        "type": "client_hello", "client_ephemeral_pub": eph_pub, "nonce_c": nonce_c}}))
-    hello = json.loads(await ws.get_message())
-    assert hello["type"] == "server_hello", hello
-    h = hello["payload"]
-    signature = key.sign(_sha(user_id, device_id, nonce_c, h["nonce_s"], h["server_ephemeral_pub"])).hex()
-    await ws.send_message(json.dumps({"type": "client_auth", "payload": {
-        "type": "client_auth", "user_id": user_id, "device_id": device_id,
-        "client_signature": signature, "nonce_c2": secrets.token_hex(32), **extra}}))
-    established = json.loads(await ws.get_message())
-    assert established["type"] == "session_established", established
-    return established  # type: ignore[no-any-return]
 
 
 async def next_frame(ws: WebSocketConnection, kind: str) -> dict[str, Any]:
@@ -124,7 +92,9 @@ async def test_session_established_shape_with_upper_case_ids(daemon: Any) -> Non
     async with open_websocket_url(daemon.ws_url) as ws:
         t0 = now_ms()
         with trio.fail_after(WAIT):
-            msg = await raw_handshake(ws, key, device_id, user_id=key.public_hex.upper())
+            hs = RawHandshake(ws, key, device_id)
+            await hs.run(user_id=key.public_hex.upper())
+            msg = hs.established
         t1 = now_ms()
     assert set(msg) == {"type", "payload"}
     p = msg["payload"]
@@ -269,7 +239,7 @@ async def test_app_ping_gets_pong_with_server_time(daemon: Any) -> None:
 
     async with open_websocket_url(daemon.ws_url) as ws:
         with trio.fail_after(WAIT):
-            await raw_handshake(ws, key, new_device_id())
+            await RawHandshake(ws, key, new_device_id()).run()
         for ping in ({"type": "ping"}, {"type": "ping", "payload": {"timestamp": 5}}):
             t0 = now_ms()
             await ws.send_message(json.dumps(ping))
@@ -388,7 +358,7 @@ async def stalled_session(port: int, key: DeviceKey, device_id: str) -> AsyncIte
         ws = await trio_websocket.wrap_client_stream(nursery, trio.SocketStream(sock), "127.0.0.1", "/ws",
                                                      message_queue_size=1)
         with trio.fail_after(WAIT):
-            await raw_handshake(ws, key, device_id)
+            await RawHandshake(ws, key, device_id).run()
         try:
             yield ws
         finally:

@@ -19,11 +19,11 @@ import pytest
 import trio
 
 from pocketbridge import accounts, maintenance
+from pocketbridge.bench import launcher
 from pocketbridge.client import Client, Closed, DeviceKey, HandshakeRefused, connect, new_device_id
 from pocketbridge.config import Config
 from pocketbridge.identity import write_new_identity
 from tests.conftest import run_daemon
-from tests.e2e import daemon_proc
 from tests.e2e.httpclient import signed
 from tests.e2e.rawclient import TIMEOUT, e2e_config
 from tests.e2e.test_spec_transport import local_config
@@ -258,7 +258,7 @@ async def test_devices_of_a_killed_instance_are_shown_offline(
 
     with trio.fail_after(40):
         async with run_daemon(y_config) as (_, y), httpx.AsyncClient(base_url=y.http_url, timeout=TIMEOUT) as http:
-            async with connect(y.ws_url, key, dev_e) as e, daemon_proc.running("x", tmp_path / "xwork", env) as x:
+            async with connect(y.ws_url, key, dev_e) as e, launcher.running("x", tmp_path / "xwork", env) as x:
                 async with connect(x.ws_url, key, dev_d):
                     await e.next_notice("device_status_changed")
                     await trio.sleep(STALE_MS / 1000 * 2)  # longer than the stale threshold: X keeps beating

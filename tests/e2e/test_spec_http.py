@@ -21,12 +21,12 @@ import trio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from pocketbridge.bench.launcher import keygen
 from pocketbridge.client import DeviceKey, new_device_id
 from pocketbridge.config import Config
 from pocketbridge.http import app as http_app
 from tests.conftest import run_daemon
 from tests.e2e.httpclient import assert_error, bearer, http_client, pb1_headers, register, signed
-from tests.e2e.procs import keygen
 from tests.e2e.rawclient import TIMEOUT, RawHandshake, assert_close, e2e_config, each_case, open_ws
 from tests.e2e.tcpproxy import open_tcp_proxy
 from tests.e2e.test_spec_transport import local_config

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.daemon_proc import clean_env
+from pocketbridge.bench.launcher import clean_env
 
 pytestmark = pytest.mark.slow
 

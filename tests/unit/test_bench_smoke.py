@@ -55,6 +55,62 @@ def test_bench_quick_all(tmp_path: Path) -> None:
         assert run["duplicates"] == 0 and run["losses"] == 0
 
 
+def _bench(tmp_path: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pocketbridge", "bench", *args, "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_quick_delete_account(tmp_path: Path) -> None:
+    proc, summary = _bench(tmp_path, "--quick", "--scenario", "delete-account")
+    assert set(summary["scenarios"]) == {"delete-account"}
+    x = summary["scenarios"]["delete-account"]
+    assert "error" not in x and not x.get("problems"), x
+    assert x["status"] == 200 and x["events_stored"] == 10 and x["deleted"]["events"] == 10
+    assert x["store"]["mib"] == 20 and x["delete_s"] > 0
+    assert x["pings"]["before"]["count"] > 0 and x["pings"]["during"]["count"] > 0
+    assert x["pings"]["during"]["max"] is not None and x["pings"]["during"]["p99"] is not None
+    assert summary["scenario_params"]["delete-account"]["account_mib"] == 20
+    assert "DELETE /api/user answered 200" in proc.stdout and "during the deletion" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_fragmented(tmp_path: Path) -> None:
+    proc, summary = _bench(tmp_path, "--quick", "--scenario", "fragmented")
+    x = summary["scenarios"]["fragmented"]
+    assert "error" not in x and not x.get("problems"), x
+    (run,) = x["runs"]
+    assert run["fragment_bytes"] == 64 and run["delivered"] is True
+    assert run["message_bytes"] == 1024 * 1024 and run["frames"] == 2 + -(-(1024 * 1024 - 37) // 64)
+    assert run["rss_growth_kb"] is not None and run["samples"]
+    cap = x["default_cap"]
+    assert (cap["close_code"], cap["close_reason"], cap["frames_sent"]) == (1009, "Message too big", 4097)
+    assert "1009 close 'Message too big'" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_own_daemon_scenarios_refuse_url(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pocketbridge", "bench", "--scenario", "fragmented", "--url", "ws://127.0.0.1:1/ws"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "--scenario fragmented measures the daemon it starts; --url is not supported" in proc.stderr
+
+
 # The machine's PostgreSQL and Redis, as in tests/conftest.py (the bench creates and drops its own database there).
 PG_ADMIN_DSN = os.environ.get("PB_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PB_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
