@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_ttl ON events (ttl) WHERE ttl IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
+-- Covers what deleting an account reads (rowid, payload_size) without walking each event's payload pages.
+CREATE INDEX IF NOT EXISTS events_user_size ON events (user_id, server_seq, payload_size);
 
 CREATE TABLE IF NOT EXISTS pairing_codes (
     code       TEXT PRIMARY KEY CHECK (length(code) = 6),

@@ -91,8 +91,9 @@ async def test_large_purge_does_not_freeze_other_connections(config: Any) -> Non
     key, other_key = DeviceKey.generate(), DeviceKey.generate()
     with trio.fail_after(120):
         async with run_daemon(config) as (daemon, running):
-            await fill_account(running.ws_url, key, new_device_id(), ttl=int(time.time() * 1000) + 1500)
-            await trio.sleep(3)  # past ttl + clock_skew grace (1 s)
+            ttl = int(time.time() * 1000) + 8000  # the fill must finish before the events expire, even on a busy box
+            await fill_account(running.ws_url, key, new_device_id(), ttl=ttl)
+            await trio.sleep(max(0.0, (ttl - time.time() * 1000) / 1000) + 1.2)  # past ttl + clock_skew grace (1 s)
             store = daemon.gateway.store
             async with connect(running.ws_url, other_key, new_device_id()) as other:
                 purged: list[int] = []
