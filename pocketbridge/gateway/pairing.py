@@ -137,4 +137,4 @@ async def complete_pairing(session: Session, payload: Any) -> None:
             "timestamp": gw.clock.now_ms(),
         }
         await session.publish("device_paired", {"type": "device_paired", "payload": paired})
-        await session._announce(online=False, user_id=old_user)
+        await session.announce(online=False, user_id=old_user)

@@ -1,20 +1,17 @@
-"""An established session: in-order message processing, live delivery, acks, replay and cursor.
+"""An established session: the driver of the pure delivery core (``pocketbridge.protocol.delivery``).
 
-Live delivery (§5.5): the session tracks ``last``, the highest user seq it has handled. A bus
-notice for ``last + 1`` is delivered at once; a notice further ahead means a gap, filled from the
-store by the session's gap-filler task before anything later is delivered. Replay (§6) serves
-``(C, H]`` page by page; live covers ``> H``. The delivery cursor C moves on confirmed pages and
-over acked, own or expired live seqs, and is persisted lazily by the store writer.
+The session processes the client's messages in order, ingests events, and performs what its
+:class:`~pocketbridge.protocol.delivery.Delivery` core and :class:`~pocketbridge.protocol.delivery.SessionTimers`
+answer: frames go to the connection's outbox, store reads are awaited (replay) or run by the gap
+reader task, cursor moves go to the store writer, counts to the metrics. Presence, pairing, revocation
+and scratchpad forwarding stay here: they are bus traffic, not delivery state.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import OrderedDict, deque
 from typing import Any
 
-import attrs
 import trio
 
 from ..audit import audit
@@ -22,39 +19,44 @@ from ..bus import BusMessage, Control, EventNotice
 from ..errors import (
     ACCOUNT_DELETED,
     DEVICE_REVOKED,
-    HEARTBEAT_TIMEOUT,
     REPLACED,
     REVOKED_CLOSE,
     SEQUENCE_CONFLICT,
-    SESSION_EXPIRED,
     TOO_MANY_EVENTS,
     TRY_AGAIN,
     Close,
     StoreUnavailable,
 )
 from ..limits import TokenBucket
-from ..protocol.envelope import Message, as_integral, encode
-from ..protocol.events import (
-    ErrorFrame,
-    NewEvent,
-    Rejection,
-    ack_stored,
-    validate_event,
+from ..protocol.delivery import (
+    FILL_GAPS,
+    NOTE_SEEN,
+    PING,
+    Count,
+    CountPending,
+    Delivery,
+    Disconnect,
+    NoteCursor,
+    Output,
+    ReadPage,
+    Send,
+    SessionTimers,
+    event_message,
 )
-from ..protocol.replay import make_token, parse_replay_request, read_token
-from ..store import Device, Outcome, StoredEvent
+from ..protocol.envelope import Message, encode
+from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
+from ..store import Device, Outcome
 from ..tracing import span
 from .connection import Connection
 from .context import Gateway
 from .pairing import complete_pairing, initiate_pairing
 
+__all__ = ["Session", "event_message", "presence_payload"]
+
 log = logging.getLogger("pocketbridge.gateway")
 
 UNKNOWN_DEVICE = "Unknown Device"
-GAP_FILL_PAGE = 1000
-MAX_OPEN_PAGES = 8
 MAX_EARLY_MESSAGES = 100  # control messages held back until session_established is sent
-SEEN_REFRESH = 60.0  # seconds between last_seen refreshes of an idle connected device (§4)
 # Refusals that depend on the store, not on the event (§5.3): rejection acks, final for that event.
 STORE_REJECTIONS = {
     Outcome.STORAGE_FULL: ("STORAGE_FULL", "The server's storage is full. Please try again later."),
@@ -62,21 +64,10 @@ STORE_REJECTIONS = {
 }
 
 
-@attrs.define(eq=False)
-class ReplayPage:
-    """A served replay page covering (start, end]; confirmed by its token or by acks of all events."""
-
-    start: int
-    end: int
-    unacked: set[str]
-
-
-def event_message(event: StoredEvent) -> str:
-    return encode({"type": "event", "payload": event.wire()})
-
-
 def presence_payload(device: Device, online: bool, now_ms: int) -> dict[str, Any]:
-    payload: dict[str, Any] = {"type": "device_status_changed", "user_id": device.user_id, "device_id": device.device_id}
+    payload: dict[str, Any] = {
+        "type": "device_status_changed", "user_id": device.user_id, "device_id": device.device_id,
+    }
     if online:
         payload["device_name"] = device.device_name or UNKNOWN_DEVICE
         payload["device_type"] = device.device_type or "web"
@@ -87,16 +78,15 @@ def presence_payload(device: Device, online: bool, now_ms: int) -> dict[str, Any
 
 class Session:
     __slots__ = (
-        "_by_device_seq", "_deliveries", "_done", "_early_max", "_early_messages", "_gap_filling", "_gap_upto",
-        "_live", "_max_tracked", "_next_ping", "_next_seen", "_nursery", "_pages", "_scratchpad", "_started",
-        "_warned", "conn", "connection_id", "cursor", "device", "device_id", "expires_at", "gw", "head", "key",
-        "last", "pairing_failures", "user_id", "was_replaced", "wire_device_id",
+        "_early", "_nursery", "_scratchpad", "conn", "connection_id", "delivery", "device", "device_id", "gw", "key",
+        "pairing_failures", "timers", "user_id", "was_replaced", "wire_device_id",
     )  # thousands of idle sessions: no per-instance __dict__
+
     def __init__(
         self, gw: Gateway, conn: Connection, device: Device, wire_device_id: str, nursery: trio.Nursery
     ) -> None:
         self.gw = gw
-        self._nursery = nursery
+        self._nursery = nursery  # the connection's nursery: the gap reader runs there
         self.conn = conn
         self.device = device
         self.user_id = device.user_id
@@ -105,40 +95,31 @@ class Session:
         self.key = device.bound_key
         self.wire_device_id = wire_device_id
         self.was_replaced = False
-        self.cursor = device.delivery_cursor
-        self.head = 0
-        self.last = 0
-        self._live = False
-        self._early_max = 0
-        self._early_messages: list[str] = []
-        self._gap_upto = 0
-        self._gap_filling = False
         self.pairing_failures = 0
-        # delivered, not yet acked: event_id -> (server_seq, sender device_seq, replay page or None)
-        self._deliveries: OrderedDict[str, tuple[int, int, ReplayPage | None]] = OrderedDict()
-        self._by_device_seq: dict[int, deque[str]] = {}
-        self._done: set[int] = set()  # live seqs > cursor that need no further delivery
-        self._pages: OrderedDict[int, ReplayPage] = OrderedDict()
         cfg = gw.config
-        self._max_tracked = cfg.ws.max_tracked_deliveries
-        self._started = conn.ws.last_pong = trio.current_time()
-        self._warned = False
-        self._next_ping = self._started + cfg.ws.ping_interval
-        self._next_seen = self._started + SEEN_REFRESH
-        self.expires_at = gw.clock.now_ms() + int(cfg.session.ttl * 1000)
-        rate = cfg.limits.scratchpad_per_connection_per_second
-        self._scratchpad = TokenBucket(rate, 1.0)
+        self.delivery = Delivery(
+            device.user_id, device.device_id, device.delivery_cursor,
+            max_tracked=cfg.ws.max_tracked_deliveries, token_key=gw.token_key,
+        )
+        self._early: list[str] | None = []  # control messages before live delivery starts; None once live
+        now = conn.ws.last_pong = trio.current_time()
+        self.timers = SessionTimers(now, gw.clock.now_ms(), cfg.session.ttl, cfg.ws.ping_interval)
+        self._scratchpad = TokenBucket(cfg.limits.scratchpad_per_connection_per_second, 1.0)
 
     @property
     def short(self) -> str:
         return self.device_id[:8]
+
+    @property
+    def expires_at(self) -> int:
+        return self.timers.expires_at
 
     # --- establishment and teardown ------------------------------------------------------------
     async def establish(self) -> None:
         """§3.6 steps 6–7: take over the device, subscribe, read H, mark online, greet, announce."""
         gw = self.gw
         gw.metrics.sessions_open.inc()
-        await gw.hub.attach(self)  # closes an older connection of this device here
+        await gw.hub.attach(self)  # subscribes; closes an older connection of this device here
         if gw.bus.spans_instances:  # and on the other instances
             await gw.bus.publish([Control("takeover", self.user_id, self.device_id, self.connection_id)])
         head = await gw.store.set_presence(self.device_id, self.connection_id, True)  # online; returns H
@@ -158,24 +139,32 @@ class Session:
         )
         # live delivery starts only now, so no event precedes session_established; notices that
         # arrived meanwhile are filled from the store
-        self._start_live(head)
-        await self._announce(online=True)
+        self._go_live(head)
+        await self.announce(online=True)
+
+    def _go_live(self, head: int) -> None:
+        start = self.delivery.start(head)
+        early, self._early = self._early, None
+        for wire in early or ():
+            self.conn.send(wire)
+        if start is not None:
+            self._perform(start)
 
     async def teardown(self) -> None:
         """Release everything this session holds (runs shielded, bounded by the store timeout)."""
         gw = self.gw
         gw.metrics.sessions_open.dec()
         await gw.hub.detach(self)
-        gw.store.note_cursor(self.device_id, self.user_id, self.cursor)
+        gw.store.note_cursor(self.device_id, self.user_id, self.delivery.cursor)
         if self.was_replaced:
             return
         try:
             await gw.store.set_presence(self.device_id, self.connection_id, False)
-            await self._announce(online=False)
+            await self.announce(online=False)
         except Exception as exc:  # the device row is corrected at the next connection or restart
             log.warning("device %s: offline update failed: %s", self.short, type(exc).__name__)
 
-    async def _announce(self, online: bool, user_id: str | None = None) -> None:
+    async def announce(self, online: bool, user_id: str | None = None) -> None:
         """Presence to the other devices of the session's user (or of ``user_id``), on every instance."""
         payload = presence_payload(self.device, online, self.gw.clock.now_ms())
         if user_id is not None:
@@ -194,213 +183,95 @@ class Session:
         self.was_replaced = True
         self.conn.close(REPLACED)
 
-    # --- background tasks ----------------------------------------------------------------------
+    # --- performing what the cores answer ----------------------------------------------------------
+    def _perform(self, out: Output) -> None:
+        """Everything but the replay queries, which :meth:`handle_replay` awaits."""
+        if isinstance(out, str):  # a live event read to fill a gap
+            self.conn.send(out)
+            self.gw.metrics.events_relayed.inc()
+        elif isinstance(out, NoteCursor):
+            self.gw.store.note_cursor(self.device_id, self.user_id, out.cursor)
+        elif isinstance(out, Send):
+            self.conn.send(out.wire)
+        elif out is FILL_GAPS:
+            self._nursery.start_soon(self._fill_gaps)
+        elif isinstance(out, Count):
+            getattr(self.gw.metrics, out.metric).inc(out.amount)
+        elif isinstance(out, Disconnect):
+            self.conn.close(out.reason)
+        elif out is PING:
+            self.conn.send_ping()
+        elif out is NOTE_SEEN:
+            self.gw.store.note_seen(self.device_id, self.user_id)
+        else:
+            raise TypeError(f"cannot perform {out!r}")
+
+    async def _fill_gaps(self) -> None:
+        """The gap reader: read missing seqs from the store until the core has caught up."""
+        gw = self.gw
+        delivery = self.delivery
+        while (read := delivery.next_gap_read()) is not None:
+            gw.metrics.gap_fills.inc()
+            try:
+                page = await gw.store.read_events(
+                    read.user_id, read.after, read.upto, exclude_device=self.device_id, now_ms=gw.clock.now_ms(),
+                    limit=read.limit, max_bytes=gw.config.replay.max_page_bytes,
+                )
+            except StoreUnavailable:
+                outs = delivery.gap_failed(read)
+            else:
+                outs = delivery.gap_loaded(read, page)
+            for out in outs:
+                self._perform(out)
+
+    # --- timers, bus and catch-up --------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """The session's timers (§4), driven by the gateway's one clock task: heartbeat pings and
         timeout, the expiry warning and close, and the periodic ``last_seen`` refresh."""
         cfg = self.gw.config
-        if now >= self._started + cfg.session.ttl:
-            self.conn.close(SESSION_EXPIRED)
-            return
-        if now - self.conn.ws.last_pong >= cfg.ws.pong_timeout:
-            self.conn.close(HEARTBEAT_TIMEOUT)
-            return
-        if not self._warned and now >= self._started + cfg.session.ttl - cfg.session.warning_before:
-            self._warned = True
-            self._warn_expiry()
-        if now >= self._next_seen:
-            self._next_seen = now + SEEN_REFRESH
-            self.gw.store.note_seen(self.device_id, self.user_id)
-        if now >= self._next_ping:
-            self._next_ping = now + cfg.ws.ping_interval
-            self.conn.send_ping()
+        for out in self.timers.tick(
+            now, self.conn.ws.last_pong, self.gw.clock.now_ms(), ttl=cfg.session.ttl,
+            warning_before=cfg.session.warning_before, pong_timeout=cfg.ws.pong_timeout,
+            ping_interval=cfg.ws.ping_interval,
+        ):
+            self._perform(out)
 
-    def _warn_expiry(self) -> None:
-        left_ms = max(0, self.expires_at - self.gw.clock.now_ms())
-        self.conn.send(
-            encode(
-                {
-                    "type": "session_expiring_soon",
-                    "payload": {
-                        "type": "session_expiring_soon",
-                        "expires_in_seconds": math.ceil(left_ms / 1000),
-                        "expires_at": self.expires_at,
-                    },
-                }
-            )
-        )
-
-    async def _fill_gaps(self) -> None:
-        """Read missing seqs from the store until ``last`` catches up with the newest notice."""
-        store = self.gw.store
-        try:
-            while self._gap_upto > self.last:
-                upto = self._gap_upto
-                user_id = self.user_id
-                self.gw.metrics.gap_fills.inc()
-                try:
-                    page = await store.read_events(
-                        user_id, self.last, upto, exclude_device=self.device_id, now_ms=self.gw.clock.now_ms(),
-                        limit=GAP_FILL_PAGE, max_bytes=self.gw.config.replay.max_page_bytes,
-                    )
-                except StoreUnavailable:
-                    self.conn.close(TRY_AGAIN)
-                    return
-                if user_id != self.user_id:  # paired into another account meanwhile
-                    continue
-                new_last = page.events[-1].server_seq if page.has_more else upto
-                delivered = set()
-                for event in page.events:
-                    delivered.add(event.server_seq)
-                    self._deliver(event.server_seq, event.event_id, event.device_seq, event_message(event))
-                for seq in range(self.last + 1, new_last + 1):
-                    if seq not in delivered:
-                        self._mark_done(seq)
-                self.last = new_last
-                self._advance()
-        finally:
-            self._gap_filling = False
-
-    # --- live delivery -------------------------------------------------------------------------
     def on_bus(self, message: BusMessage) -> None:
         if message.user_id != self.user_id:
             return
         if isinstance(message, EventNotice):
-            self._on_notice(message)
+            now = self.gw.clock.now_ms()
+            out = self.delivery.notice(message, now)
+            if out is None:
+                return
+            if out is message.wire:  # the hot path: relay the event as it was encoded at commit
+                self.conn.send(out)
+                metrics = self.gw.metrics
+                metrics.events_relayed.inc()
+                if message.created_at:
+                    metrics.delivery_latency.observe(max(0, now - message.created_at) / 1000)
+            else:
+                self._perform(out)
         elif message.kind == "revoke":
             if message.device_id == self.device_id:
                 self._close_revoked(message.data["reason"], REVOKED_CLOSE)
         elif message.kind == "user_deleted":
             self._close_revoked("Account deleted", ACCOUNT_DELETED)
         elif message.device_id != self.device_id:  # presence, scratchpad_sync, device_paired
-            if self._live:
+            if self._early is None:
                 self.conn.send(message.data["wire"])
-            elif len(self._early_messages) < MAX_EARLY_MESSAGES:
-                self._early_messages.append(message.data["wire"])  # sent right after session_established
+            elif len(self._early) < MAX_EARLY_MESSAGES:
+                self._early.append(message.data["wire"])  # sent right after session_established
 
     def _close_revoked(self, reason: str, close: Close) -> None:
         payload = {"type": "device_revoked", "reason": reason, "timestamp": self.gw.clock.now_ms()}
         self.conn.close(close, encode({"type": "device_revoked", "payload": payload}))
 
-    def _start_live(self, head: int) -> None:
-        self.head = self.last = head
-        self._live = True
-        for wire in self._early_messages:
-            self.conn.send(wire)
-        self._early_messages.clear()
-        if self._early_max > head:
-            self._wake_gap(self._early_max)
-
     def catch_up(self, head: int) -> None:
         """The store's head for this user is ``head``: fill anything the bus did not bring."""
-        if self._live and head > self.last:
-            self._wake_gap(head)
-
-    def _wake_gap(self, upto: int) -> None:
-        self._gap_upto = max(self._gap_upto, upto)
-        if not self._gap_filling:
-            self._gap_filling = True
-            self._nursery.start_soon(self._fill_gaps)
-
-    def _on_notice(self, n: EventNotice) -> None:
-        if not self._live:
-            self._early_max = max(self._early_max, n.server_seq)
-            return
-        if n.server_seq <= self.last:
-            return
-        if self._gap_upto > self.last or n.server_seq != self.last + 1 or not n.wire:
-            self._wake_gap(n.server_seq)
-            return
-        self.last = n.server_seq
-        now = self.gw.clock.now_ms()
-        if n.device_id == self.device_id or (n.ttl is not None and n.ttl <= now):
-            self._mark_done(n.server_seq)
-            self._advance()
-        else:
-            self._deliver(n.server_seq, n.event_id, n.device_seq, n.wire)
-            if n.created_at:
-                self.gw.metrics.delivery_latency.observe(max(0, now - n.created_at) / 1000)
-
-    def _deliver(self, seq: int, event_id: str, device_seq: int, wire: str, page: ReplayPage | None = None) -> None:
-        self._track(event_id, seq, device_seq, page)
-        self.conn.send(wire)
-        if page is None:
-            self.gw.metrics.events_relayed.inc()
-
-    # --- acks and the delivery cursor ----------------------------------------------------------
-    def _track(self, event_id: str, seq: int, device_seq: int, page: ReplayPage | None) -> None:
-        if len(self._deliveries) >= self._max_tracked:
-            old_id, (_, old_dseq, _) = self._deliveries.popitem(last=False)
-            self._untrack_device_seq(old_dseq, old_id)
-        self._deliveries[event_id] = (seq, device_seq, page)
-        self._by_device_seq.setdefault(device_seq, deque()).append(event_id)
-
-    def _untrack_device_seq(self, device_seq: int, event_id: str) -> None:
-        ids = self._by_device_seq.get(device_seq)
-        if ids is None:
-            return
-        try:
-            ids.remove(event_id)
-        except ValueError:
-            pass
-        if not ids:
-            del self._by_device_seq[device_seq]
-
-    def handle_client_ack(self, payload: Any) -> None:
-        """§5.6: match an ack to a delivered event; malformed or unmatched acks are ignored."""
-        if not isinstance(payload, dict):
-            return
-        device_seq = as_integral(payload.get("device_seq"))
-        if device_seq is None:
-            return
-        event_id = payload.get("event_id")
-        if isinstance(event_id, str):
-            entry = self._deliveries.get(event_id.lower())
-            if entry is None or entry[1] != device_seq:
-                return
-            event_id = event_id.lower()
-            self._untrack_device_seq(device_seq, event_id)
-        else:
-            ids = self._by_device_seq.get(device_seq)
-            if not ids:
-                return
-            event_id = ids.popleft()
-            if not ids:
-                del self._by_device_seq[device_seq]
-        seq, _, page = self._deliveries.pop(event_id)
-        if page is None:
-            self._mark_done(seq)
-            self._advance()
-        else:
-            page.unacked.discard(event_id)
-            if not page.unacked:
-                self._confirm(page)
-
-    def _mark_done(self, seq: int) -> None:
-        if seq > self.cursor and len(self._done) < self._max_tracked:
-            self._done.add(seq)
-
-    def _advance(self) -> None:
-        """Once C ≥ H, move C over the run of done seqs after it (§6.2 live rule)."""
-        if self.cursor < self.head:
-            return
-        cursor = self.cursor
-        while cursor + 1 in self._done:
-            cursor += 1
-            self._done.discard(cursor)
-        self._set_cursor(cursor)
-
-    def _set_cursor(self, cursor: int) -> None:
-        if cursor > self.cursor:
-            self.cursor = cursor
-            self._done = {s for s in self._done if s > cursor} if self._done else self._done
-            self.gw.store.note_cursor(self.device_id, self.user_id, cursor)
-
-    def _confirm(self, page: ReplayPage) -> None:
-        self._pages.pop(page.end, None)
-        if self.cursor >= page.start:
-            self._set_cursor(page.end)
-            self._advance()
+        out = self.delivery.catch_up(head)
+        if out is not None:
+            self._perform(out)
 
     # --- messages ------------------------------------------------------------------------------
     async def handle(self, msg: Message) -> None:
@@ -409,7 +280,9 @@ class Session:
         if kind == "event":
             await self.handle_event(msg.payload)
         elif kind == "ack":
-            self.handle_client_ack(msg.payload)
+            note = self.delivery.ack(msg.payload)
+            if note is not None:
+                self.gw.store.note_cursor(self.device_id, self.user_id, note.cursor)
         elif kind == "replay_request":
             await self.handle_replay(msg)
         elif kind == "ping":
@@ -475,70 +348,35 @@ class Session:
             self.conn.close(TRY_AGAIN)
 
     async def handle_replay(self, msg: Message) -> None:
+        """§6: the core decides; its store queries are awaited here, so the reply goes out before the
+        next message is read (§1.4)."""
         gw = self.gw
-        cfg = gw.config.replay
-        params = parse_replay_request(msg, default_page_size=cfg.default_page_size, max_page_size=cfg.max_page_size)
-        now = gw.clock.now_ms()
-        position: int | None = None
-        if params.continuation_token is not None:
-            position = read_token(
-                gw.token_key, params.continuation_token, user_id=self.user_id, device_id=self.device_id,
-                now_ms=now, max_age_ms=int(cfg.token_max_age * 1000),
-            )
-            if position is None:
-                gw.metrics.invalid_tokens.inc()
-            elif position in self._pages:
-                self._confirm(self._pages[position])
-        fresh = position is None
-        start = self.cursor if position is None else min(position, self.head)
-        try:
-            total = 0
-            if fresh:
-                total = await gw.store.count_pending(self.user_id, self.device_id, start, self.head, now)
-                if total > cfg.full_resync_threshold:
-                    self._full_resync(total, params.last_ack_device_seq)
-                    return
-            page = await gw.store.read_events(
-                self.user_id, start, self.head, exclude_device=self.device_id, now_ms=now,
-                limit=params.limit, max_bytes=cfg.max_page_bytes,
-            )
-        except StoreUnavailable:
-            gw.metrics.replay_failed.inc()
-            self.conn.send(encode({"type": "replay_failed", "payload": {"error": "Replay failed. Please try again later."}}))
-            return
-        end = page.events[-1].server_seq if page.has_more else self.head
-        served = ReplayPage(start, end, {e.event_id for e in page.events})
-        response: dict[str, Any] = {
-            "type": "replay_response",
-            "events": [e.wire() for e in page.events],
-            "has_more": page.has_more,
-            "page_size": len(page.events),
-        }
-        if page.has_more:
-            response["continuation_token"] = make_token(gw.token_key, self.user_id, self.device_id, end, now)
-        if fresh:
-            response["total_events"] = total
-        for event in page.events:
-            self._track(event.event_id, event.server_seq, event.device_seq, served)
-        self.conn.send(encode({"type": "replay_response", "payload": response}))
-        gw.metrics.replay_pages.inc()
-        gw.metrics.replay_events.inc(len(page.events))
-        if not served.unacked:
-            self._confirm(served)
-        else:
-            self._pages[end] = served
-            while len(self._pages) > MAX_OPEN_PAGES:
-                self._pages.popitem(last=False)
-
-    def _full_resync(self, count: int, last_ack_device_seq: int | None) -> None:
-        payload: dict[str, Any] = {"type": "full_resync_required", "reason": "too_many_events", "event_count": count}
-        if last_ack_device_seq is not None:
-            payload["last_ack_device_seq"] = last_ack_device_seq
-        payload["recommendation"] = "Clear local state and re-sync from scratch"
-        self.gw.metrics.replay_full_resync.inc()
-        self._set_cursor(self.head)
-        self._advance()
-        self.conn.send(encode({"type": "full_resync_required", "payload": payload}))
+        store = gw.store
+        delivery = self.delivery
+        outs = delivery.replay_request(msg, gw.clock.now_ms(), gw.config.replay)
+        while outs:
+            query: CountPending | ReadPage | None = None
+            for out in outs:
+                if isinstance(out, (CountPending, ReadPage)):
+                    query = out
+                else:
+                    self._perform(out)
+            if query is None:
+                return
+            try:
+                if isinstance(query, CountPending):
+                    total = await store.count_pending(
+                        query.user_id, self.device_id, query.after, query.upto, query.now_ms
+                    )
+                    outs = delivery.replay_counted(query, total)
+                else:
+                    page = await store.read_events(
+                        query.user_id, query.after, query.upto, exclude_device=self.device_id, now_ms=query.now_ms,
+                        limit=query.limit, max_bytes=query.max_bytes,
+                    )
+                    outs = delivery.replay_loaded(query, page)
+            except StoreUnavailable:
+                outs = delivery.replay_failed(query)
 
     async def handle_scratchpad(self, msg: Message) -> None:
         """§5.7: forward unchanged to the user's other devices, best-effort and rate limited."""
@@ -553,13 +391,7 @@ class Session:
         old_user = self.user_id
         self.device = device
         self.user_id = device.user_id
-        self._live = False
-        self._early_max = self._gap_upto = 0
-        self._deliveries.clear()
-        self._by_device_seq.clear()
-        self._done.clear()
-        self._pages.clear()
-        self.cursor = device.delivery_cursor
+        self._early = []
+        self.delivery.rebind(device.user_id, device.delivery_cursor)
         await self.gw.hub.move(self, old_user)
-        self._start_live(await self.gw.store.head_seq(self.user_id))
-
+        self._go_live(await self.gw.store.head_seq(self.user_id))
