@@ -22,21 +22,22 @@ from attrs import evolve, fields_dict
 
 from . import __version__
 from .accounts import Accounts
-from .bus import EventNotice, open_bus
+from .backends import open_bus, open_store
+from .bus import EventNotice
 from .clock import Clock
 from .config import Config, describe_problems, load_config
 from .errors import SHUTTING_DOWN, ConfigError, StartupError, find_error, listen_problem
 from .gateway.context import Gateway, Limits
 from .gateway.server import run_session_clock, serve_gateway
-from .gateway.session import event_message
 from .http.server import serve_http
 from .http.services import HttpServices
 from .hub import Hub
 from .identity import load_or_create_identity
 from .maintenance import Wakeup, run_catch_up, run_heartbeat, run_purger
 from .metrics import Metrics
+from .protocol.delivery import event_message
 from .protocol.handshake import ServerIdentity
-from .store import StoredEvent, open_store
+from .store import StoredEvent
 from .systemd import notify, run_watchdog
 from .tracing import setup_tracing, span, stop_tracing
 

@@ -62,7 +62,8 @@ def backup_sqlite(source: Path, out: Path, *, force: bool = False) -> BackupResu
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return BackupResult(out, out.stat().st_size, *counts, time.monotonic() - started)
+    users, devices, events = counts
+    return BackupResult(out, out.stat().st_size, users, devices, events, time.monotonic() - started)
 
 
 def pg_dump_hint(config: Config) -> str:

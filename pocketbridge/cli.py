@@ -15,9 +15,16 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
 from .admin_cli import add_admin_parser
+from .app import Daemon
+from .backup import backup_sqlite, pg_dump_hint
+from .bench.cli import add_bench_parser
+from .client.cli import add_client_parser
 from .config import Config, describe_problems, load_config, render_config
 from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError, find_error
+from .identity import load_identity, write_new_identity
 from .logs import setup_logging
+from .store.postgres import migrate
+from .transfer import transfer
 
 log = logging.getLogger("pocketbridge")
 
@@ -27,8 +34,6 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import Daemon
-
     config = _load(args)
     config_path = args.config or os.environ.get("PB_CONFIG") or None
     setup_logging(config.log.level, config.log.format)
@@ -100,8 +105,6 @@ def _describe_bus(config: Config) -> str:
 
 
 def cmd_key_show(args: argparse.Namespace) -> int:
-    from .identity import load_identity
-
     path = Path(args.file) if args.file else _load(args).identity_key_path()
     identity = load_identity(path)
     print(f"{path}\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
@@ -109,8 +112,6 @@ def cmd_key_show(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .backup import backup_sqlite, pg_dump_hint
-
     config = _load(args)
     if config.storage.backend != "sqlite":
         print(pg_dump_hint(config))
@@ -125,8 +126,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from .transfer import transfer
-
     config = _load(args)
     if not config.storage.dsn:
         raise PocketBridgeError("set the target: [storage] dsn (PB_STORAGE_DSN), then run `pocketbridge migrate` first")
@@ -146,8 +145,6 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from .identity import write_new_identity
-
     path = Path(args.out) if args.out else _load(args).identity_key_path()
     identity = write_new_identity(path)
     print(f"wrote {path} (mode 0600)\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
@@ -175,8 +172,6 @@ def cmd_config_init(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .store.postgres import migrate
-
     config = _load(args)
     if config.storage.backend != "postgres":
         print("nothing to migrate: [storage] backend is sqlite (the embedded store migrates itself at start)")
@@ -251,10 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write here (refuses to replace an existing file)")
     p.add_argument("--force", action="store_true", help="replace FILE if it exists")
     p.set_defaults(func=cmd_config_init)
-    from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
-    from .client.cli import add_client_parser
 
     add_client_parser(sub)
     add_admin_parser(sub)

@@ -28,6 +28,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
+from pocketbridge.config_doc import HEADER, KEYS
 from pocketbridge.errors import ConfigError
 
 __all__ = [
@@ -586,8 +587,6 @@ def _toml_value(value: Any) -> str:
 def render_config(config: Config | None = None) -> str:
     """A fully commented configuration file: every key of the model with its comment and its value in
     ``config`` (the defaults when None). ``pocketbridge config init`` writes it; config.example.toml is it."""
-    from .config_doc import HEADER, KEYS
-
     config = config if config is not None else Config()
     out = [HEADER.rstrip("\n"), ""]
     for section, cls in SECTIONS.items():

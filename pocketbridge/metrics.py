@@ -43,7 +43,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.info = Gauge(
-            "pocketbridge_info", "Always 1; labels name the version and [server] instance_id", ["version", "instance_id"],
+            "pocketbridge_info",
+            "Always 1; labels name the version and [server] instance_id",
+            ["version", "instance_id"],
             registry=r,
         )
         self.connections_open = Gauge("pocketbridge_connections_open", "Open WebSocket connections", registry=r)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-SCENARIOS = ("relay", "handshakes", "memory", "replay")  # --scenario all
-MORE = ("delete-account", "fragmented")  # slow, or their own kind of figure: only when named
-SOAK = "soak"  # long-running leak check; not part of "all" (see bench/soak.py)
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from .names import DEFAULT_DSN, DEFAULT_REDIS_URL, MORE, SCENARIOS, SOAK
+from .runner import main
 
 
 def _positive(kind: type) -> Any:
@@ -125,8 +122,6 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
 
     def run(args: argparse.Namespace) -> int:
-        from .runner import main
-
         return main(args)
 
     p.set_defaults(func=run)

@@ -16,6 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import psycopg
+import psycopg.conninfo
+import redis
 
 from ..config import SECTIONS, Config, load_config
 from .launcher import ProcessError, ServerProcess, clean_env, run_cli, spawn, wait_started
@@ -65,7 +68,6 @@ class BackendChoice:
 def _dsn_host(dsn: str) -> str | None:
     """The host (or hostaddr) of a libpq DSN or URL; None for the default (a local socket); '?' if unparsable."""
     try:
-        import psycopg.conninfo
 
         info = psycopg.conninfo.conninfo_to_dict(dsn)
     except Exception:  # noqa: BLE001  (any parse error: refuse the DSN)
@@ -140,8 +142,6 @@ class SharedBackend:
         if self.choice.bus == "redis":
             self._check_redis()
         if self.dbname is not None:
-            import psycopg
-            import psycopg.conninfo
 
             try:
                 with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=5) as admin:
@@ -160,8 +160,6 @@ class SharedBackend:
             run_cli(["keygen", "--out", str(self.key_file)], self.env, 60, "pocketbridge keygen")
 
     def _check_redis(self) -> None:
-        import redis
-
         try:
             client = redis.Redis.from_url(self.choice.redis_url, socket_timeout=3, socket_connect_timeout=3)
             try:
@@ -175,7 +173,6 @@ class SharedBackend:
         """This database's counters from pg_stat_database (commits, rollbacks, deadlocks, rows), or None."""
         if not self._created:
             return None
-        import psycopg
 
         try:
             with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=3) as admin:
@@ -195,7 +192,6 @@ class SharedBackend:
         """pg_database_size of this database, or None."""
         if not self._created:
             return None
-        import psycopg
 
         try:
             with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=5) as admin:
@@ -208,8 +204,6 @@ class SharedBackend:
         created, self._created = self._created, False
         try:
             if created:
-                import psycopg
-
                 with psycopg.connect(self.choice.admin_dsn, autocommit=True, connect_timeout=10) as admin:
                     admin.execute("SET statement_timeout = '60s'")
                     admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')

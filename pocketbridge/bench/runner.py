@@ -20,15 +20,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import psycopg.conninfo
 import trio
 
 from .. import __version__
-from .cli import DEFAULT_DSN, DEFAULT_REDIS_URL, SCENARIOS, SOAK
+from .choice import backend_choice
 from .daemon import BackendChoice, DaemonProcess, describe_config
 from .env import scenario_env
+from .names import SCENARIOS, SOAK
 from .params import BenchError, Params
 from .report import render
 from .scenarios import SCENARIOS as RUNNERS
+from .soak import main as soak_main
 from .sysinfo import busy_cores, machine_info, machine_jiffies, raise_nofile
 from .targets import evaluate_targets
 
@@ -116,7 +119,6 @@ async def _main(
 
 def _server_of(dsn: str) -> str:
     try:
-        import psycopg.conninfo
 
         info = psycopg.conninfo.conninfo_to_dict(dsn)
     except Exception:  # noqa: BLE001  (only a label)
@@ -124,29 +126,8 @@ def _server_of(dsn: str) -> str:
     return f"{info.get('hostaddr') or info.get('host') or 'local socket'}:{info.get('port') or 5432}"
 
 
-def backend_choice(args: argparse.Namespace) -> BackendChoice:
-    """--backend, --bus, --dsn, --redis-url and --instances, checked (BenchError says what is wrong)."""
-    choice = BackendChoice(
-        storage=getattr(args, "backend", None) or "sqlite",
-        bus=getattr(args, "bus", None) or "memory",
-        admin_dsn=getattr(args, "dsn", None) or DEFAULT_DSN,
-        redis_url=getattr(args, "redis_url", None) or DEFAULT_REDIS_URL,
-        instances=getattr(args, "instances", None) or 1,
-    )
-    problems = choice.problems()
-    if args.url:
-        if choice.instances > 1:
-            problems.append("--instances applies to the daemons the benchmark starts, not to --url")
-        if getattr(args, "dsn", None) or getattr(args, "redis_url", None):
-            problems.append("--dsn and --redis-url apply to the daemons the benchmark starts, not to --url")
-    if problems:
-        raise BenchError("; ".join(problems))
-    return choice
-
-
 def main(args: argparse.Namespace) -> int:
     if args.scenario == SOAK:  # its own flow, report and exit status (bench/soak.py)
-        from .soak import main as soak_main
 
         return soak_main(args)
     try:

@@ -44,16 +44,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import psycopg
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from .. import __version__
 from ..client import Client, Closed, DeviceKey, ReceivedEvent, connect, new_device_id
+from .choice import backend_choice
 from .daemon import BackendChoice, DaemonProcess, describe_config
 from .env import Env, scenario_env
 from .http import http_request, pb1
 from .params import BenchError, Params
-from .runner import backend_choice
 from .soak_report import render
 from .stats import slope_per_minute
 from .sysinfo import busy_cores, cpu_seconds, machine_info, machine_jiffies, raise_nofile, rss_kb
@@ -507,8 +508,6 @@ class Probe:
             return {"db_bytes": None}
 
         def size() -> int | None:
-            import psycopg
-
             with psycopg.connect(shared.choice.admin_dsn, autocommit=True, connect_timeout=5) as admin:
                 row = admin.execute("SELECT pg_database_size(%s)", (shared.dbname,)).fetchone()
             return int(row[0]) if row else None

@@ -9,12 +9,9 @@ carry presence, connection takeover and (later) revocation and account deletion.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import attrs
-
-if TYPE_CHECKING:
-    from ..config import Config
 
 
 @attrs.frozen
@@ -83,13 +80,3 @@ class Bus(Protocol):
         """Publish in order; raises BusUnavailable (delivery then falls back to the store)."""
 
     async def ping(self) -> None: ...
-
-
-def open_bus(config: Config, instance_id: str) -> Bus:
-    if config.bus.backend == "memory":
-        from .memory import MemoryBus
-
-        return MemoryBus()
-    from .redis import RedisBus
-
-    return RedisBus(config.bus.url, instance_id)

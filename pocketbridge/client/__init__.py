@@ -477,7 +477,12 @@ async def connect(
         async with open_websocket_url(url, max_message_size=MAX_MESSAGE_BYTES) as ws:
             client = Client(ws, key, device_id, ack_event_ids=ack_event_ids, reply_timeout=reply_timeout)
             with trio.fail_after(handshake_timeout):
-                await client._handshake(pin=pin, device_name=device_name, device_type=device_type)
+                try:
+                    await client._handshake(pin=pin, device_name=device_name, device_type=device_type)
+                except Closed as exc:  # however the close showed up (reading or sending), it refused the handshake
+                    if isinstance(exc, HandshakeRefused):
+                        raise
+                    raise HandshakeRefused(exc.code, exc.reason) from None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
                 try:

@@ -31,7 +31,12 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import trio
+from trio_websocket import ConnectionRejected, HandshakeError
+
+from .. import __version__
 from ..protocol.auth import sign_pb1
+from . import ClientError, DeviceKey, HandshakeRefused, ServerKeyMismatch, connect, new_device_id
 
 DEVICE_TYPES = ("mobile", "desktop", "web")
 DEFAULT_WS_URL = "ws://127.0.0.1:3001/ws"
@@ -123,7 +128,6 @@ def load_identity(path: Path) -> dict[str, Any]:
 
 
 def _key(data: dict[str, Any]) -> Any:
-    from . import DeviceKey
 
     return DeviceKey.from_seed(bytes.fromhex(data["seed"]))
 
@@ -155,7 +159,6 @@ def base_url_from_ws(ws_url: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from . import DeviceKey, new_device_id
 
     path = _path(args)
     key = DeviceKey.generate()
@@ -185,10 +188,7 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def _describe_ws_failure(url: str, exc: BaseException) -> str:
-    import trio
-    from trio_websocket import ConnectionRejected, HandshakeError
 
-    from . import HandshakeRefused, ServerKeyMismatch
 
     if isinstance(exc, HandshakeRefused):
         reason = f"{exc.code} {exc.reason}" if exc.reason else str(exc.code)
@@ -217,10 +217,7 @@ def _describe_ws_failure(url: str, exc: BaseException) -> str:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    import trio
-    from trio_websocket import HandshakeError
 
-    from . import ClientError, ServerKeyMismatch, connect
 
     path = _path(args)
     data = load_identity(path)
@@ -279,9 +276,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 # --- pair --------------------------------------------------------------------------------------------------
 def cmd_pair(args: argparse.Namespace) -> int:
-    import trio
 
-    from . import ClientError, connect
 
     path = _path(args)
     data = load_identity(path)
@@ -379,8 +374,6 @@ class _Http:
             self.conn = http.client.HTTPConnection(parts.hostname, port, timeout=timeout)
 
     def request(self, method: str, target: str, body: bytes, *, bearer: str | None = None) -> tuple[Any, bytes]:
-        from .. import __version__
-
         target = self.prefix + target
         headers = {"Accept": "application/json", "User-Agent": f"pocketbridge-client/{__version__}"}
         if body:

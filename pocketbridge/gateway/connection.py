@@ -17,11 +17,10 @@ import trio
 from ..errors import TRY_AGAIN, Close
 from .wsconn import FRAME_ERRORS, PING, PING_PAYLOAD, ConnectionClosed, WebSocket
 
-__all__ = ["FRAME_ERRORS", "PING", "PING_PAYLOAD", "Connection", "ConnectionClosed", "Outbox", "Socket", "WebSocket"]
+__all__ = ["FRAME_ERRORS", "PING", "PING_PAYLOAD", "Connection", "ConnectionClosed", "Outbox", "WebSocket"]
 
 log = logging.getLogger("pocketbridge.gateway")
 
-Socket = WebSocket  # the name gateway/handshake.py imports
 
 WRITE_BATCH_BYTES = 256 * 1024  # queued messages the writer puts into one socket write
 

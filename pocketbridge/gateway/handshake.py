@@ -17,8 +17,9 @@ from ..errors import (
 from ..protocol.envelope import Message, encode, parse_frame
 from ..protocol.handshake import ServerHandshake, parse_client_auth, parse_client_hello
 from ..store import Admit, AdmitRequest, Device
-from .connection import Connection, Socket
+from .connection import Connection
 from .context import Gateway
+from .wsconn import WebSocket
 
 _REFUSALS: dict[Admit, Close] = {
     Admit.DELETING: TRY_AGAIN,
@@ -28,7 +29,7 @@ _REFUSALS: dict[Admit, Close] = {
 }
 
 
-async def _next(ws: Socket, expected: str, step: Close) -> Message:
+async def _next(ws: WebSocket, expected: str, step: Close) -> Message:
     msg = parse_frame(await ws.get_message())
     if msg.type != expected:
         raise ProtocolClose(step)
@@ -39,7 +40,7 @@ async def perform_handshake(gw: Gateway, conn: Connection) -> tuple[Device, str]
     """Run the handshake; returns the admitted device and the device id exactly as sent.
 
     Raises ProtocolClose with the spec's close for every refusal, StoreUnavailable when the store
-    does not answer, trio_websocket.ConnectionClosed when the peer goes away.
+    does not answer, wsconn.ConnectionClosed when the peer goes away.
     """
     hello_message = await _next(conn.ws, "client_hello", EXPECTED_HELLO)
     if not gw.limits.handshakes_per_ip.take(conn.peer):

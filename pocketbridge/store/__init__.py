@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 if TYPE_CHECKING:
-    from ..clock import Clock
-    from ..config import Config
     from ..protocol.events import NewEvent
 
 
@@ -409,14 +407,3 @@ class Store(Protocol):
 
     def on_write_failure(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` after a failed write batch (its outcome may be unknown: re-read the store)."""
-
-
-def open_store(config: Config, clock: Clock, instance_id: str) -> Store:
-    """The configured backend (not yet running: start it with ``nursery.start(store.run, hook)``)."""
-    if config.storage.backend == "sqlite":
-        from .sqlite import SqliteStore
-
-        return SqliteStore(config, clock)
-    from .postgres import PostgresStore
-
-    return PostgresStore(config, clock, instance_id)
