@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +37,34 @@ def _with_dsn(dsn: str, dbname: str) -> str:
     return dsn.rsplit("/", 1)[0] + "/" + dbname
 
 
-@pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
-    """A fresh, migrated database on the machine's PostgreSQL for this test session (dropped after)."""
+@contextmanager
+def temporary_database(prefix: str, *, migrated: bool = True) -> Iterator[str]:
+    """A new database on the machine's PostgreSQL (migrated unless told), dropped after; skips if unreachable."""
     import psycopg
 
     from pocketbridge.store.postgres import migrate
 
-    name = f"pocketbridge_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"pocketbridge_{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {type(exc).__name__}")
     dsn = _with_dsn(PG_ADMIN_DSN, name)
-    migrate(dsn)
     try:
+        if migrated:
+            migrate(dsn)
         yield dsn
     finally:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A fresh, migrated database on the machine's PostgreSQL for this test session (dropped after)."""
+    with temporary_database("test") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

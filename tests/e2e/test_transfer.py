@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,7 +18,7 @@ import trio
 from pocketbridge.client import DeviceKey, connect, new_device_id
 from pocketbridge.identity import write_new_identity
 from pocketbridge.store.postgres import migrate
-from tests.conftest import PG_ADMIN_DSN, make_config, run_daemon
+from tests.conftest import make_config, run_daemon, temporary_database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -31,18 +31,9 @@ def cli(*args: str, dsn: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def empty_database() -> str:
-    name = f"pocketbridge_transfer_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {type(exc).__name__}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    yield dsn
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def empty_database() -> Iterator[str]:
+    with temporary_database("transfer", migrated=False) as dsn:
+        yield dsn
 
 
 async def test_transfer_then_two_instances_serve_exactly_the_rest(

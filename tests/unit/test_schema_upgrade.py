@@ -3,16 +3,14 @@ user's stored bytes are counted from its events."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from pocketbridge.store import postgres, sqlite
-from tests.conftest import PG_ADMIN_DSN
+from tests.conftest import temporary_database
 
 USER = "a" * 64
 
@@ -42,33 +40,22 @@ def test_sqlite_version_1_is_upgraded(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_postgres_version_1_is_upgraded() -> None:
-    name = f"pocketbridge_upgrade_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable: {type(exc).__name__}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-        try:
-            postgres.migrate(dsn)
-            with psycopg.connect(dsn, autocommit=True) as c:
-                c.execute("DROP TRIGGER events_release_quota ON events")
-                c.execute("ALTER TABLE users DROP COLUMN stored_bytes, DROP COLUMN quota_tokens, DROP COLUMN quota_at")
-                c.execute("DELETE FROM pb_schema WHERE version = 2")
-                c.execute("INSERT INTO users (user_id, created_at) VALUES (%s, now())", (USER,))
-                for seq, size in ((1, 100), (2, 250)):
-                    c.execute(
-                        "INSERT INTO events (user_id, server_seq, event_id, device_id, device_seq, stream_id,"
-                        " stream_seq, type, encrypted_payload, payload_size, created_at)"
-                        " VALUES (%s, %s, %s, 'd', %s, 's', %s, 't', 'p', %s, now())",
-                        (USER, seq, f"e{seq}", seq, seq, size),
-                    )
-            assert postgres.migrate(dsn) == (1, postgres.SCHEMA_VERSION)
-            with psycopg.connect(dsn, autocommit=True) as c:
-                assert c.execute("SELECT stored_bytes FROM users").fetchone() == (350,)
-                c.execute("DELETE FROM events WHERE server_seq = 1")
-                assert c.execute("SELECT stored_bytes FROM users").fetchone() == (250,)
-            assert postgres.migrate(dsn) == (2, 2)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with temporary_database("upgrade") as dsn:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute("DROP TRIGGER events_release_quota ON events")
+            c.execute("ALTER TABLE users DROP COLUMN stored_bytes, DROP COLUMN quota_tokens, DROP COLUMN quota_at")
+            c.execute("DELETE FROM pb_schema WHERE version = 2")
+            c.execute("INSERT INTO users (user_id, created_at) VALUES (%s, now())", (USER,))
+            for seq, size in ((1, 100), (2, 250)):
+                c.execute(
+                    "INSERT INTO events (user_id, server_seq, event_id, device_id, device_seq, stream_id,"
+                    " stream_seq, type, encrypted_payload, payload_size, created_at)"
+                    " VALUES (%s, %s, %s, 'd', %s, 's', %s, 't', 'p', %s, now())",
+                    (USER, seq, f"e{seq}", seq, seq, size),
+                )
+        assert postgres.migrate(dsn) == (1, postgres.SCHEMA_VERSION)
+        with psycopg.connect(dsn, autocommit=True) as c:
+            assert c.execute("SELECT stored_bytes FROM users").fetchone() == (350,)
+            c.execute("DELETE FROM events WHERE server_seq = 1")
+            assert c.execute("SELECT stored_bytes FROM users").fetchone() == (250,)
+        assert postgres.migrate(dsn) == (2, 2)

@@ -10,7 +10,6 @@ signatures and the audit trail.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -43,7 +42,7 @@ from pocketbridge.store import (
     rules,
 )
 from pocketbridge.store.memory import MemoryStore
-from tests.conftest import PG_ADMIN_DSN, make_config
+from tests.conftest import make_config, temporary_database
 
 MINUTE = 60_000
 DAY = 86_400_000
@@ -113,23 +112,8 @@ class Harness:
 @pytest.fixture(scope="module")
 def contract_dsn() -> Iterator[str]:
     """A migrated database of this module's own (emptied before each test)."""
-    import psycopg
-
-    from pocketbridge.store.postgres import migrate
-
-    name = f"pocketbridge_contract_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    try:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {type(exc).__name__}")
-    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    migrate(dsn)
-    try:
+    with temporary_database("contract") as dsn:
         yield dsn
-    finally:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 OpenStore = Callable[..., AbstractAsyncContextManager[Harness]]
