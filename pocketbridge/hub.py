@@ -7,11 +7,13 @@ it sends in its own bounded outbox (and is closed with 1013 when that is full).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import trio
 
 from .bus import Bus, BusMessage, Control
+from .store import DeviceState
 
 
 class Member(Protocol):
@@ -26,6 +28,10 @@ class Member(Protocol):
     def tick(self, now: float) -> None: ...
 
     def replaced(self) -> None: ...
+
+    @property
+    def is_live(self) -> bool:
+        """Established and marked online in the store (before that, the store may name an older connection)."""
 
 
 class Hub:
@@ -90,6 +96,30 @@ class Hub:
             return
         for member in tuple(self._users.get(message.user_id, ())):
             member.on_bus(message)
+
+    def enforce(self, device_ids: Iterable[str], states: Mapping[str, DeviceState]) -> int:
+        """Apply what the store says to the sessions here, whatever the bus delivered or lost: a revoked
+        device, a deleted account or a newer connection of the device elsewhere closes the session. Returns
+        how many sessions were closed."""
+        closed = 0
+        for device_id in device_ids:
+            member = self._devices.get(device_id)
+            if member is None:
+                continue
+            state = states.get(device_id)
+            if state is None or state.deleting:
+                member.on_bus(Control("user_deleted", member.user_id))
+            elif state.user_id != member.user_id:
+                continue  # paired into another account meanwhile: the pairing itself moves the session
+            elif state.revoked:
+                reason = state.revoke_reason or "Device revoked"
+                member.on_bus(Control("revoke", member.user_id, member.device_id, data={"reason": reason}))
+            elif member.is_live and state.connection_id is not None and state.connection_id != member.connection_id:
+                member.replaced()
+            else:
+                continue
+            closed += 1
+        return closed
 
     def takeover(self, device_id: str, connection_id: str) -> None:
         """A newer connection of ``device_id`` was established elsewhere: close ours."""

@@ -125,6 +125,18 @@ async def run_catch_up(hub: Hub, store: Store, bus: Bus, wake: Wakeup) -> None:
                 await _first_of(changed.wait, wake.wait)
             else:
                 await wake.wait()
+        # what the bus may have lost: revocations, deletions, takeovers (checked first, so a revoked device is
+        # closed before anything more is read for it)
+        devices = [m.device_id for m in hub.members()]
+        for i in range(0, len(devices), CATCH_UP_CHUNK):
+            chunk = devices[i : i + CATCH_UP_CHUNK]
+            try:
+                states = await store.device_states(chunk)
+            except StoreUnavailable:
+                break
+            closed = hub.enforce(chunk, states)
+            if closed:
+                log.info("closed %d sessions the store says are revoked, deleted or taken over", closed)
         users = hub.users
         for i in range(0, len(users), CATCH_UP_CHUNK):
             try:

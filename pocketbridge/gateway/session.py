@@ -179,6 +179,10 @@ class Session:
         except Exception as exc:
             log.warning("device %s: %s publish failed: %s", self.short, kind, type(exc).__name__)
 
+    @property
+    def is_live(self) -> bool:
+        return self._early is None  # session_established sent: the store names this connection
+
     def replaced(self) -> None:
         self.was_replaced = True
         self.conn.close(REPLACED)

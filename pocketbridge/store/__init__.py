@@ -161,6 +161,18 @@ class Profile:
 
 
 @attrs.frozen
+class DeviceState:
+    """What the store says of a connected device (checked against the bus's messages by the catch-up poll)."""
+
+    device_id: str
+    user_id: str
+    revoked: bool
+    revoke_reason: str | None
+    deleting: bool  # its user is being deleted
+    connection_id: str | None  # the connection the store last marked online
+
+
+@attrs.frozen
 class UserSummary:
     """One account as the admin API lists it."""
 
@@ -364,6 +376,9 @@ class Store(Protocol):
 
     async def list_devices(self, user_id: str) -> list[Device]:
         """The user's non-revoked devices."""
+
+    async def device_states(self, device_ids: Sequence[str]) -> dict[str, DeviceState]:
+        """The states of these devices (a device missing from the answer no longer exists)."""
 
     async def list_users(self, limit: int) -> list[UserSummary]:
         """Accounts, most recently active first (admin API)."""

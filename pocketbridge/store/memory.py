@@ -25,6 +25,7 @@ from . import (
     CommitHook,
     DeletedCounts,
     Device,
+    DeviceState,
     EventResult,
     Page,
     Profile,
@@ -429,6 +430,19 @@ class MemoryStore(BatchedWrites):
 
     async def list_devices(self, user_id: str) -> list[Device]:
         return (await self._read()).live_devices(user_id)
+
+    async def device_states(self, device_ids: Sequence[str]) -> dict[str, DeviceState]:
+        tables = await self._read()
+        states = {}
+        for device_id in device_ids:
+            row = tables.devices.get(device_id)
+            if row is not None:
+                user = tables.users.get(row.device.user_id)
+                states[device_id] = DeviceState(
+                    device_id, row.device.user_id, row.device.revoked_at is not None, row.revoke_reason,
+                    bool(user and user.deleting), row.connection_id,
+                )
+        return states
 
     async def list_users(self, limit: int) -> list[UserSummary]:
         tables = await self._read()

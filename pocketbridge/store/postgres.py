@@ -31,6 +31,7 @@ from . import (
     CommitHook,
     DeletedCounts,
     Device,
+    DeviceState,
     EventResult,
     Outcome,
     Page,
@@ -624,6 +625,13 @@ class PostgresStore(BatchedWrites):
     async def list_devices(self, user_id: str) -> list[Device]:
         sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = %s AND revoked_at IS NULL"
         return await self._rows(Device, sql, (user_id,))
+
+    async def device_states(self, device_ids: Sequence[str]) -> dict[str, DeviceState]:
+        if not device_ids:
+            return {}
+        sql = ("SELECT d.device_id, d.user_id, d.revoked_at IS NOT NULL, d.revoke_reason, u.deleting, d.connection_id"
+               " FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id = ANY(%s)")
+        return {s.device_id: s for s in await self._rows(DeviceState, sql, (list(device_ids),))}
 
     async def list_users(self, limit: int) -> list[UserSummary]:
         sql = (

@@ -32,6 +32,7 @@ from . import (
     CommitHook,
     DeletedCounts,
     Device,
+    DeviceState,
     EventResult,
     Page,
     Profile,
@@ -584,6 +585,19 @@ class SqliteStore(BatchedWrites):
     async def list_devices(self, user_id: str) -> list[Device]:
         sql = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE user_id = ? AND revoked_at IS NULL"
         return await self._rows(_device, sql, (user_id,))
+
+    async def device_states(self, device_ids: Sequence[str]) -> dict[str, DeviceState]:
+        if not device_ids:
+            return {}
+        marks = ",".join("?" * len(device_ids))
+        sql = ("SELECT d.device_id, d.user_id, d.revoked_at IS NOT NULL, d.revoke_reason, u.deleting, d.connection_id"
+               f" FROM devices d JOIN users u ON u.user_id = d.user_id WHERE d.device_id IN ({marks})")
+
+        def state(device_id: str, user_id: str, revoked: int, reason: str | None, deleting: int,
+                  connection_id: str | None) -> DeviceState:
+            return DeviceState(device_id, user_id, bool(revoked), reason, bool(deleting), connection_id)
+
+        return {s.device_id: s for s in await self._rows(state, sql, tuple(device_ids))}
 
     async def list_users(self, limit: int) -> list[UserSummary]:
         sql = (

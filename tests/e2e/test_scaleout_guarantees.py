@@ -1,0 +1,69 @@
+"""Guarantees across instances that do not depend on Redis (protocol.md §8): with the bus down, a revocation,
+an account deletion and a takeover made on one instance still close the session on the other instance within
+seconds, because every instance checks its sessions against the store on its catch-up poll (twice a second
+while the bus is down, and at once when it comes back)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from pocketbridge.client import Closed, DeviceKey, connect, new_device_id
+from pocketbridge.identity import write_new_identity
+from tests.conftest import run_daemon
+from tests.e2e.httpclient import http_client, signed
+from tests.e2e.test_faults import PrivateRedis, daemon_config, free_port
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+BOUND = 5.0  # seconds: a session the store says is over is closed on every instance within this
+
+
+async def closed_within(client: object, seconds: float) -> tuple[int | None, str | None]:
+    with trio.fail_after(seconds):
+        try:
+            event = await client.receive_event()  # type: ignore[attr-defined]
+            raise AssertionError(f"an event reached a session the store says is over: {event.raw}")
+        except Closed as exc:
+            return exc.code, exc.reason
+
+
+async def test_revocation_deletion_and_takeover_hold_with_the_bus_down(tmp_path: Path, postgres_dsn: str) -> None:
+    redis = PrivateRedis(free_port(), tmp_path)
+    identity = tmp_path / "identity.key"
+    write_new_identity(identity)
+    await redis.start()
+    try:
+        sections = {"storage": {"backend": "postgres", "dsn": postgres_dsn}, "bus": {"backend": "redis", "url": redis.url}}
+        one_cfg = daemon_config(tmp_path / "one", identity, **sections)
+        two_cfg = daemon_config(tmp_path / "two", identity, **sections)
+        alice, bob, carol = DeviceKey.generate(), DeviceKey.generate(), DeviceKey.generate()
+        laptop, phone, bobs, carols = new_device_id(), new_device_id(), new_device_id(), new_device_id()
+        with trio.fail_after(90):
+            async with run_daemon(one_cfg) as (_, one), run_daemon(two_cfg) as (_, two):
+                async with (
+                    connect(one.ws_url, alice, laptop) as a,
+                    connect(two.ws_url, alice, phone) as p,
+                    connect(two.ws_url, bob, bobs) as b,
+                    connect(two.ws_url, carol, carols) as c,
+                ):
+                    await redis.kill()  # from here on, no control message reaches the other instance
+                    await trio.sleep(0.2)
+                    async with http_client(one) as http:
+                        r = await signed(http, alice, laptop, "DELETE", f"/api/devices/{phone}")
+                        assert r.status_code == 200, r.text
+                        revoked_at = trio.current_time()
+                        # an event committed after the revocation must not reach the revoked phone
+                        assert (await a.send_event("notes:main", "note:text", b"after")).status == "stored"
+                        assert await closed_within(p, BOUND) == (1000, "Device revoked")
+                        assert trio.current_time() - revoked_at < BOUND
+
+                        r = await signed(http, bob, bobs, "DELETE", "/api/user")
+                        assert r.status_code == 200, r.text
+                    assert await closed_within(b, BOUND) == (1000, "Account deleted")
+
+                    async with connect(one.ws_url, carol, carols):  # the same device again, elsewhere
+                        assert await closed_within(c, BOUND) == (1000, "New connection established for this device")
+    finally:
+        await redis.kill()
