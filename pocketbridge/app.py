@@ -85,6 +85,7 @@ class Daemon:
         self._root: trio.CancelScope | None = None
         self._stop_requested = trio.Event()
         self._http_shutdown = trio.Event()
+        self._reloaded = Wakeup()  # the purger re-reads [retention] at once
 
     def stop(self) -> None:
         """Begin the drain (safe from any task, any number of times): readiness 503 at once, both
@@ -124,6 +125,8 @@ class Daemon:
                     if getattr(getattr(new, sec), key) != getattr(getattr(old, sec), key)]
         self.config = evolve(old, **{name: getattr(new, name) for name in RELOADABLE})
         changed = [name for name in RELOADABLE if getattr(new, name) != getattr(old, name)]
+        if "retention" in changed:
+            self._reloaded.set()
         if self.gateway is not None:
             self.gateway.config = self.config
             self.gateway.limits = Limits.from_config(self.config, previous=self.gateway.limits)
@@ -189,7 +192,7 @@ class Daemon:
                     f" {exc.strerror or type(exc).__name__}; create it, give the daemon's user access or choose"
                     " another directory"
                 ) from exc
-            services.start_soon(run_purger, store, lambda: self.config)
+            services.start_soon(run_purger, store, lambda: self.config, self._reloaded)
             if self.config.storage.backend != "sqlite":
                 services.start_soon(run_heartbeat, store, self.instance_id)
             if self.config.bus.backend != "memory" or self.config.storage.backend != "sqlite":

@@ -56,8 +56,9 @@ async def purge_inactive_users(store: Store, days: int) -> int:
     return deleted
 
 
-async def run_purger(store: Store, config: Callable[[], Config]) -> None:
-    """Purge now and then every ``[retention] purge_interval`` (read afresh: SIGHUP applies)."""
+async def run_purger(store: Store, config: Callable[[], Config], reloaded: Wakeup | None = None) -> None:
+    """Purge now and then every ``[retention] purge_interval``; a reload (SIGHUP) purges at once with the
+    new settings and restarts the interval, so "applied: retention" is true when the log says it."""
     while True:
         try:
             purged = await purge_once(store, config())
@@ -65,7 +66,11 @@ async def run_purger(store: Store, config: Callable[[], Config]) -> None:
                 log.info("purged %d expired events", purged)
         except StoreUnavailable:
             log.warning("event purge skipped: store unavailable")
-        await trio.sleep(config().retention.purge_interval)
+        with trio.move_on_after(config().retention.purge_interval):
+            if reloaded is not None:
+                await reloaded.wait()
+            else:
+                await trio.sleep_forever()
 
 
 HEARTBEAT_SECONDS = 30.0

@@ -14,8 +14,9 @@ SERVICE_UNAVAILABLE_RETRY_AFTER = 5  # seconds, while the store is unreachable
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status=status, content_type="application/json",
-                    headers=headers)
+    # a final newline, so `curl` output ends its line
+    return Response(json.dumps(payload, separators=(",", ":")) + "\n", status=status,
+                    content_type="application/json", headers=headers)
 
 
 def error_response(code: str, text: str | None = None, retry_after: int | None = None) -> Response:

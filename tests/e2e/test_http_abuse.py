@@ -286,7 +286,7 @@ async def test_cleartext_http2_is_bounded_like_http11(tmp_path: Path) -> None:
             settings = server_settings(events)
             assert settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS) == 1, settings
             assert settings.get(h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE) == H2_HEADER_LIMIT, settings
-            assert response_of(events, 1) == (200, b'{"status":"ok"}')
+            assert response_of(events, 1) == (200, b'{"status":"ok"}\n')
 
             # the app's own checks answer over HTTP/2 too (a request Content-Encoding: 415)
             conn.send_headers(3, request_headers("/health/live", **{"content-encoding": "gzip"}), end_stream=True)
@@ -355,7 +355,7 @@ async def _still_serving(running: Running) -> None:
                 break
             except OSError:
                 await trio.sleep(0.05)
-    assert (status, body) == (200, b'{"status":"ok"}')
+    assert (status, body) == (200, b'{"status":"ok"}\n')
 
 
 async def _websocket_unaffected(running: Running) -> None:

@@ -30,7 +30,7 @@ async def health() -> Response:
     body: dict[str, Any] = {
         "status": "ok",
         "timestamp": app.services.clock.now_ms(),
-        "uptime": round(trio.current_time() - app.started, 1),
+        "uptime": round(trio.current_time() - app.started, 1),  # seconds (the spec fixes the name)
         "services": services,
         "version": __version__,
     }
