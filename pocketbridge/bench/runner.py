@@ -95,7 +95,10 @@ async def _main(
                 async with scenario_env(
                     args, params, choice, scenario.workers(params), Path(logs), name, settings=settings
                 ) as env:
-                    result = await scenario.run(env, these)
+                    async with trio.open_nursery() as ticker:
+                        ticker.start_soon(_still_running, name, t0)
+                        result = await scenario.run(env, these)
+                        ticker.cancel_scope.cancel()
                     result["daemon_pid"] = env.pid
                     logs_seen = [{"instance": d.instance, **d.log_summary()} for d in env.daemons]
                     if logs_seen:
@@ -115,6 +118,13 @@ async def _main(
             result["wall_s"] = round(time.perf_counter() - t0, 2)
             summary["scenarios"][name] = result
     return ok
+
+
+async def _still_running(name: str, started: float, every: float = 15.0) -> None:
+    """Progress during a long phase, on stderr (the table comes last, on stdout)."""
+    while True:
+        await trio.sleep(every)
+        print(f"[bench] {name}: still running ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _server_of(dsn: str) -> str:
@@ -214,9 +224,7 @@ def main(args: argparse.Namespace) -> int:
         print("pocketbridge bench: interrupted", file=sys.stderr)
         return 130
     summary["targets"] = evaluate_targets(summary)
+    if args.json:  # the whole summary, for tools; the terminal gets the table, last
+        Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
     print(render(summary), flush=True)
-    text = json.dumps(summary, indent=2, sort_keys=False)
-    print("\n" + text, flush=True)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
     return 0 if ok else 1
