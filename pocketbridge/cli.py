@@ -23,6 +23,7 @@ from .config import Config, describe_problems, load_config, render_config
 from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError, find_error
 from .identity import load_identity, write_new_identity
 from .logs import setup_logging
+from .protocol.handshake import ServerIdentity
 from .store.postgres import migrate
 from .transfer import transfer
 
@@ -106,8 +107,7 @@ def _describe_bus(config: Config) -> str:
 
 def cmd_key_show(args: argparse.Namespace) -> int:
     path = Path(args.file) if args.file else _load(args).identity_key_path()
-    identity = load_identity(path)
-    print(f"{path}\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
+    print(_describe_key(str(path), load_identity(path)))
     return 0
 
 
@@ -146,9 +146,13 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     path = Path(args.out) if args.out else _load(args).identity_key_path()
-    identity = write_new_identity(path)
-    print(f"wrote {path} (mode 0600)\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}")
+    print(_describe_key(f"wrote {path} (mode 0600)", write_new_identity(path)))
     return 0
+
+
+def _describe_key(heading: str, identity: ServerIdentity) -> str:
+    """What clients pin: never the private key."""
+    return f"{heading}\n  public key:  {identity.public_hex}\n  fingerprint: {identity.fingerprint()}"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import trio
 from trio_websocket import WebSocketConnection
-from wsproto.events import CloseConnection, Ping, Pong
 
 from pocketbridge.app import Running
 from pocketbridge.bench.launcher import running
+from pocketbridge.bench.scenarios.fragmented import roundtrip
 from pocketbridge.client import DeviceKey
 from pocketbridge.config import Config
 from tests.conftest import run_daemon
@@ -186,20 +186,8 @@ def rss(pid: int) -> int:
 
 async def processed(ws: WireSocket, payload: bytes, timeout: float) -> None:
     """Send a protocol ping and wait for its pong: the server has read everything sent before it."""
-    await ws.send_raw(build_frame(PING, payload))
     with trio.fail_after(timeout):
-        while True:
-            for event in ws.ws.events():
-                if isinstance(event, Pong) and event.payload == payload:
-                    return
-                if isinstance(event, Ping):
-                    await ws.send_raw(ws.ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    raise AssertionError(f"closed: {event.code} {event.reason}")
-            data = await ws.stream.receive_some(65536)
-            if not data:
-                raise AssertionError("the server closed the TCP connection")
-            ws.ws.receive_data(data)
+        await roundtrip(ws, payload)
 
 
 async def stream_fragments(ws: WireSocket, payload_bytes: int, fragment: bytes) -> None:

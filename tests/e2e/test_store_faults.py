@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +144,16 @@ class Receiver:
 async def session(url: str, key: DeviceKey, device_id: str, **kw: Any) -> AsyncIterator[Client]:
     """Connect, retrying while the daemon refuses (1013 while the store's breaker is open); bounded."""
     deadline = trio.current_time() + 15
-    while True:
-        try:
-            async with connect(url, key, device_id, reply_timeout=10, **kw) as client:
-                yield client
-                return
-        except (ClientError, OSError):
-            if trio.current_time() > deadline:
-                raise
-            await trio.sleep(0.3)
+    async with AsyncExitStack() as stack:
+        while True:  # only connecting is retried: an error of the block itself goes to the test
+            try:
+                client = await stack.enter_async_context(connect(url, key, device_id, reply_timeout=10, **kw))
+                break
+            except (ClientError, OSError):
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.3)
+        yield client
 
 
 async def send_until_answered(client: Client, *, stream: str, payload: bytes, device_seq: int, event_id: str) -> Any:
