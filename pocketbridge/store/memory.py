@@ -10,7 +10,7 @@ applied (the rules decide before they write, so none does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -201,11 +201,14 @@ class MemoryTables:
     def beat(self, instance_id: str, now_ms: int, stale_after_ms: int) -> int:
         return 0  # one process: no other instance to time out
 
-    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]]) -> None:
+    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]], stamp: Collection[str], now_ms: int) -> list[str]:
         for device_id, user_id, cursor in cursors:
             row = self.devices.get(device_id)
             if row is not None and row.device.user_id == user_id and row.device.delivery_cursor < cursor:
                 self._set(device_id, delivery_cursor=cursor)
+            if row is not None and device_id in stamp:
+                self._set(device_id, last_seen=now_ms)
+        return []  # one writer: nothing is ever held by another
 
     def touch(self, device_ids: Sequence[str], user_ids: Sequence[str], now_ms: int) -> None:
         for device_id in device_ids:

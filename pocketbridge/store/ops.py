@@ -82,15 +82,16 @@ class BeatOp(WriteOp[int]):
 
 
 @attrs.frozen
-class CoalescedOp(WriteOp[None]):
-    """Delivery cursors, activity stamps and audit records, noted by many and written together."""
+class CoalescedOp(WriteOp[dict[str, tuple[str, int]]]):
+    """Delivery cursors, activity stamps and audit records, noted by many and written together; the
+    result is the cursors skipped because another instance held their rows (noted again by the writer)."""
 
     cursors: dict[str, tuple[str, int]]
     seen: dict[str, str]
     audit: list[AuditRow]
 
-    def run(self, tx: StoreTx, now_ms: int) -> None:
-        rules.flush(tx, self.cursors, self.seen, self.audit, now_ms)
+    def run(self, tx: StoreTx, now_ms: int) -> dict[str, tuple[str, int]]:
+        return rules.flush(tx, self.cursors, self.seen, self.audit, now_ms)
 
 
 @attrs.frozen

@@ -11,7 +11,7 @@ events go to the server pipelined, one ``pb_append_event`` call each. The decisi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from importlib import resources
 from typing import Any, TypeVar
@@ -253,13 +253,22 @@ class PgTx:
         self.c.execute(f"DELETE FROM instances WHERE instance_id IN ({stale})", (now_ms - stale_after_ms,))
         return n
 
-    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]]) -> None:
+    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]], stamp: Collection[str], now_ms: int) -> list[str]:
+        if not cursors:
+            return []
+        # lock what no other transaction holds, never wait (an append holds its user's row, then its device's)
+        held = {row[0] for row in self.c.execute(
+            "SELECT device_id FROM devices WHERE device_id = ANY(%s) ORDER BY device_id FOR UPDATE SKIP LOCKED",
+            ([device_id for device_id, _, _ in cursors],),
+        )}
         with self.c.cursor() as cur:
             cur.executemany(
-                "UPDATE devices SET delivery_cursor = greatest(delivery_cursor, %s)"
-                " WHERE device_id = %s AND user_id = %s",
-                [(cursor, device_id, user_id) for device_id, user_id, cursor in cursors],
+                "UPDATE devices SET delivery_cursor = greatest(delivery_cursor, %s),"
+                " last_seen = CASE WHEN %s THEN pb_ts(%s) ELSE last_seen END WHERE device_id = %s AND user_id = %s",
+                [(cursor, device_id in stamp, now_ms, device_id, user_id)
+                 for device_id, user_id, cursor in cursors if device_id in held],
             )
+        return [device_id for device_id, _, _ in cursors if device_id not in held]
 
     def touch(self, device_ids: Sequence[str], user_ids: Sequence[str], now_ms: int) -> None:
         # only where no other instance holds the row: activity stamps never make batches wait on each other

@@ -14,7 +14,7 @@ together. The contract tests (tests/unit/test_store_contract.py) run the same ca
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -116,8 +116,10 @@ class DevicesTx(Protocol):
     def beat(self, instance_id: str, now_ms: int, stale_after_ms: int) -> int:
         """This instance is alive; devices of instances silent for ``stale_after_ms`` go offline: how many."""
 
-    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]]) -> None:
-        """(device_id, user_id, cursor): each device's delivery cursor raised, if it is still in that user."""
+    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]], stamp: Collection[str], now_ms: int) -> list[str]:
+        """(device_id, user_id, cursor): each device's delivery cursor raised, if it is still in that user, and
+        ``last_seen`` set for those in ``stamp``, in one write per device. Returns the devices skipped because
+        another transaction holds them (they never wait: see :func:`flush`)."""
 
     def touch(self, device_ids: Sequence[str], user_ids: Sequence[str], now_ms: int) -> None:
         """``last_seen`` of the devices and ``last_activity`` of the users (skipped where contended)."""
@@ -268,13 +270,20 @@ def set_presence(tx: DevicesTx, device_id: str, connection_id: str, online: bool
 
 def flush(
     tx: FlushTx, cursors: dict[str, tuple[str, int]], seen: dict[str, str], audit: Sequence[AuditRow], now_ms: int
-) -> None:
-    """The writer's coalesced updates. Rows in a fixed order, so two instances' batches never wait on
-    each other in a cycle."""
+) -> dict[str, tuple[str, int]]:
+    """The writer's coalesced updates; returns the cursors it skipped, for the next flush.
+
+    They never wait for a row another instance's batch holds (an event append holds its user's row, then
+    its device's): devices and users another transaction holds are skipped, and each device row is written
+    once (a second write of a row in one transaction makes PostgreSQL lock its user's row, FOR KEY SHARE,
+    for the foreign key check: the wait that closed the cycle)."""
     tx.add_audit(audit)
-    tx.raise_cursors(sorted((device_id, user_id, cursor) for device_id, (user_id, cursor) in cursors.items()))
+    skipped = tx.raise_cursors(
+        sorted((device_id, user_id, cursor) for device_id, (user_id, cursor) in cursors.items()), seen.keys(), now_ms
+    )
     if seen:
-        tx.touch(sorted(seen), sorted(set(seen.values())), now_ms)
+        tx.touch(sorted(d for d in seen if d not in cursors), sorted(set(seen.values())), now_ms)
+    return {device_id: cursors[device_id] for device_id in skipped}
 
 
 def revoke(tx: DeviceCodesTx, device_id: str, reason: str, user_id: str | None, now_ms: int) -> Device | None:

@@ -14,7 +14,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -220,11 +220,15 @@ class SqliteTx:
     def beat(self, instance_id: str, now_ms: int, stale_after_ms: int) -> int:
         return 0  # one process owns the file; it marks everything offline when it starts
 
-    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]]) -> None:
+    def raise_cursors(self, cursors: Sequence[tuple[str, str, int]], stamp: Collection[str], now_ms: int) -> list[str]:
         self.c.executemany(
             "UPDATE devices SET delivery_cursor = max(delivery_cursor, ?) WHERE device_id = ? AND user_id = ?",
             [(cursor, device_id, user_id) for device_id, user_id, cursor in cursors],
         )
+        self.c.executemany(
+            "UPDATE devices SET last_seen = ? WHERE device_id = ?", [(now_ms, d) for d, _, _ in cursors if d in stamp]
+        )
+        return []  # one writer per file: nothing is ever held by another
 
     def touch(self, device_ids: Sequence[str], user_ids: Sequence[str], now_ms: int) -> None:
         self.c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", [(now_ms, d) for d in device_ids])

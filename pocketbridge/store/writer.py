@@ -176,7 +176,7 @@ class BatchWriter:
             return
         self._audit.append(record)
 
-    def _take_coalesced(self, force: bool) -> Pending[None] | None:
+    def _take_coalesced(self, force: bool) -> Pending[dict[str, tuple[str, int]]] | None:
         """The pending cursor and activity updates as one operation, at most once a second."""
         now = trio.current_time()
         if not force and now - self._last_flush < FLUSH_INTERVAL:
@@ -243,6 +243,7 @@ class BatchWriter:
                 else:
                     applied = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
             stored = applied
+            self._note_skipped(batch)
             self.observe("write_batch", trio.current_time() - started)
             self._breaker.succeeded()
             self._set_failing(None)
@@ -259,6 +260,13 @@ class BatchWriter:
                 log.exception("commit hook failed for %d events", len(stored))
         for pending in batch:
             pending.done.set()
+
+    def _note_skipped(self, batch: Sequence[Pending[Any]]) -> None:
+        """Cursors a committed flush skipped (another instance held the rows) go into the next flush."""
+        for pending in batch:
+            if isinstance(pending.op, CoalescedOp) and pending.error is None and pending.result:
+                for device_id, (user_id, cursor) in pending.result.items():
+                    self.note_cursor(device_id, user_id, cursor)
 
     def _apply_and_commit(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         assert self._commit_fn is not None
