@@ -126,7 +126,7 @@ KEYS: dict[str, dict[str, str]] = {
         "deadline": '',
     },
     "tracing": {
-        "exporter": 'Optional OpenTelemetry tracing (install the extra: pip install \'pocketbridge[tracing]\').\n"none" (default, no overhead), "otlp" (OTLP/HTTP to endpoint) or "console" (spans on stderr).\nSpans: ws.handshake, event.ingest, store.batch, relay.publish. They carry no ids, keys or payloads.',
+        "exporter": 'Optional OpenTelemetry tracing (install the extra: pip install \'pocketbridge[tracing]\').\n"none" (default, no overhead), "otlp" (OTLP/HTTP to endpoint) or "console" (spans on stdout).\nSpans: ws.handshake, event.ingest, store.batch, relay.publish, relay.deliver. They carry no ids, keys or\npayloads. A relay across instances is one trace: only the W3C trace context travels in the bus message.',
         "endpoint": 'The OTLP/HTTP traces endpoint of your collector.',
         "service_name": 'service.name of the spans.',
     },

@@ -12,8 +12,9 @@ from typing import Protocol
 
 import trio
 
-from .bus import Bus, BusMessage, Control
+from .bus import Bus, BusMessage, Control, EventNotice
 from .store import DeviceState
+from .tracing import span_under
 
 
 class Member(Protocol):
@@ -94,7 +95,14 @@ class Hub:
             if message.device_id is not None and message.connection_id is not None:
                 self.takeover(message.device_id, message.connection_id)
             return
-        for member in tuple(self._users.get(message.user_id, ())):
+        members = tuple(self._users.get(message.user_id, ()))
+        if isinstance(message, EventNotice):
+            # a child of the publishing span, on this instance or (its context in the message) another one
+            with span_under(message.trace, "relay.deliver", sessions=len(members)):
+                for member in members:
+                    member.on_bus(message)
+            return
+        for member in members:
             member.on_bus(message)
 
     def enforce(self, device_ids: Iterable[str], states: Mapping[str, DeviceState]) -> int:

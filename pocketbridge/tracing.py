@@ -1,8 +1,13 @@
 """Optional OpenTelemetry tracing: off unless ``[tracing] exporter`` is set (then the ``tracing``
 extra must be installed). Spans carry counts and outcomes only, never ids, keys or payloads.
 
-``span(name)`` is the only call the daemon makes; while tracing is off it returns a shared no-op
+``span(name)`` is the call the daemon makes; while tracing is off it returns a shared no-op
 context manager, so the hot path pays nothing but a function call.
+
+Across instances a relay is one trace: the publishing instance puts the W3C trace context of the
+current span (``traceparent``, and ``tracestate`` if any: :func:`trace_context`) in the bus message,
+and the receiving instance opens its delivery span as a child of it (:func:`span_under`). Only the
+trace context travels, never ids, keys or payloads. OpenTelemetry is imported only when tracing is on.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from .errors import ConfigError
 
 _NOOP = contextlib.nullcontext()
 _tracer: Any = None
+_propagator: Any = None  # W3C trace context only (no baggage): set while tracing is on
 
 
 def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
@@ -24,16 +30,34 @@ def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]
     return _span(name, attributes)
 
 
+def span_under(carrier: dict[str, str] | None, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
+    """A span whose parent is the remote trace context ``carrier`` (from :func:`trace_context`, e.g. carried
+    in a bus message); with no carrier, the current span is the parent, as with :func:`span`."""
+    if _tracer is None:
+        return _NOOP
+    return _span(name, attributes, _propagator.extract(carrier) if carrier else None)
+
+
+def trace_context() -> dict[str, str] | None:
+    """The W3C trace context of the current span (``traceparent``, and ``tracestate`` if any), to carry to
+    another instance; None while tracing is off or when there is no current span."""
+    if _tracer is None:
+        return None
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier or None
+
+
 @contextlib.contextmanager
-def _span(name: str, attributes: dict[str, Any]) -> Iterator[Any]:
-    with _tracer.start_as_current_span(name, attributes=attributes) as s:
+def _span(name: str, attributes: dict[str, Any], parent: Any = None) -> Iterator[Any]:
+    with _tracer.start_as_current_span(name, context=parent, attributes=attributes) as s:
         yield s
 
 
 def setup_tracing(config: Config, exporter: Any = None) -> Any:
     """Start tracing as configured (or with the given span exporter, e.g. an in-memory one in tests);
     returns the provider (call ``shutdown()`` on it to flush), or None when tracing is off."""
-    global _tracer
+    global _tracer, _propagator
     if exporter is None and config.tracing.exporter == "none":
         _tracer = None
         return None
@@ -44,6 +68,9 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
             BatchSpanProcessor,
             ConsoleSpanExporter,
             SimpleSpanProcessor,
+        )
+        from opentelemetry.trace.propagation.tracecontext import (
+            TraceContextTextMapPropagator,
         )
     except ImportError:
         raise ConfigError(
@@ -60,6 +87,7 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
         )
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.tracing.endpoint)))
+    _propagator = TraceContextTextMapPropagator()
     _tracer = provider.get_tracer("pocketbridge")
     return provider
 

@@ -24,6 +24,9 @@ class EventNotice:
     ttl: int | None
     wire: str  # the encoded `event` message, shared by every recipient ("" = read it from the store)
     created_at: int = 0  # commit time (ms), for the delivery-latency metric
+    # the W3C trace context of the publishing span, while tracing is on (tracing.trace_context()): the
+    # delivery span on the receiving instance is its child, so a relay is one trace across instances
+    trace: dict[str, str] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

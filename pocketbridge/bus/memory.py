@@ -23,6 +23,7 @@ class MemoryBus(LocalDelivery):
             self._sink = None
 
     async def publish(self, messages: Sequence[BusMessage]) -> None:
+        # delivered at once, under the publisher's span: the delivery span joins its trace as it is
         for message in messages:
             self.deliver(message)
 

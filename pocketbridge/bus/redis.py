@@ -20,6 +20,7 @@ import redis
 import trio
 
 from ..errors import BusUnavailable
+from ..tracing import trace_context
 from . import BusMessage, Control, EventNotice, LocalDelivery, Sink
 
 log = logging.getLogger("pocketbridge.bus")
@@ -33,12 +34,19 @@ RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 MAX_INLINE_WIRE = 256 * 1024  # bigger events travel as a bare notice; receivers read them from the store
 
 
-def encode_message(origin: str, m: BusMessage) -> tuple[str, bytes]:
+def encode_message(origin: str, m: BusMessage, trace: dict[str, str] | None = None) -> tuple[str, bytes]:
+    """``trace``: the publisher's W3C trace context, used when the notice carries none of its own. Only the
+    trace context travels ("tp": traceparent, "ts": tracestate); without one the keys are absent."""
     if isinstance(m, EventNotice):
         body: dict[str, Any] = {"o": origin, "k": "event", "u": m.user_id, "s": m.server_seq, "d": m.device_id,
                                 "i": m.event_id, "q": m.device_seq, "t": m.ttl, "c": m.created_at}
         if len(m.wire) <= MAX_INLINE_WIRE:
             body["w"] = m.wire
+        carrier = m.trace or trace
+        if carrier and "traceparent" in carrier:
+            body["tp"] = carrier["traceparent"]
+            if carrier.get("tracestate"):
+                body["ts"] = carrier["tracestate"]
     else:
         body = {"o": origin, "k": m.kind, "u": m.user_id, "d": m.device_id, "c": m.connection_id, "x": m.data}
     return CHANNEL_PREFIX + m.user_id, json.dumps(body, separators=(",", ":")).encode()
@@ -47,7 +55,15 @@ def encode_message(origin: str, m: BusMessage) -> tuple[str, bytes]:
 def decode_message(data: bytes) -> tuple[str, BusMessage]:
     b = json.loads(data)
     if b["k"] == "event":
-        return b["o"], EventNotice(b["u"], b["s"], b["d"], b["i"], b["q"], b["t"], b.get("w", ""), b.get("c", 0))
+        tp = b.get("tp")  # a malformed trace context costs the trace, never the notice
+        trace: dict[str, str] | None = None
+        if isinstance(tp, str):
+            trace = {"traceparent": tp}
+            ts = b.get("ts")
+            if isinstance(ts, str):
+                trace["tracestate"] = ts
+        return b["o"], EventNotice(b["u"], b["s"], b["d"], b["i"], b["q"], b["t"], b.get("w", ""), b.get("c", 0),
+                                   trace)
     return b["o"], Control(b["k"], b["u"], b["d"], b["c"], b["x"])
 
 
@@ -167,10 +183,11 @@ class RedisBus(LocalDelivery):
         pipe.execute()
 
     async def publish(self, messages: Sequence[BusMessage]) -> None:
+        trace = trace_context()  # None while tracing is off
         for message in messages:
             self.deliver(message)
             try:
-                self._out_send.send_nowait(encode_message(self._origin, message))
+                self._out_send.send_nowait(encode_message(self._origin, message, trace))
             except trio.WouldBlock:
                 self.dropped += 1  # other instances catch up from the store
 
