@@ -44,6 +44,20 @@ class KeyedBuckets:
         self._max_keys = max_keys
         self.settings = (rate, per, self._burst, max_keys)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._spent: dict[str, float] | None = None  # per key, since the last report (tracked buckets only)
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second."""
+        return self._rate
+
+    @property
+    def burst(self) -> float:
+        return self._burst
+
+    @property
+    def tracked(self) -> bool:
+        return self._spent is not None
 
     def take(self, key: str, cost: float = 1.0) -> bool:
         """Spend ``cost`` tokens from ``key``'s bucket; False (and nothing spent) if it has too few."""
@@ -53,6 +67,8 @@ class KeyedBuckets:
         allowed = tokens >= cost
         if allowed:
             tokens -= cost
+            if self._spent is not None:
+                self._spend(key, cost)
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
@@ -63,6 +79,38 @@ class KeyedBuckets:
         if key in self._buckets:
             tokens, stamp = self._buckets[key]
             self._buckets[key] = (min(self._burst, tokens + cost), stamp)
+            if self._spent is not None:
+                self._spend(key, -cost)
+
+    # --- sharing the budget between instances (pocketbridge.shared_limits) ---------------------------------
+    def track(self) -> None:
+        """From now on, keep what is spent per key for :meth:`collect`."""
+        if self._spent is None:
+            self._spent = {}
+
+    def _spend(self, key: str, cost: float) -> None:
+        spent = self._spent
+        assert spent is not None
+        if key in spent or len(spent) < self._max_keys:  # bounded even if nobody collects for a while
+            spent[key] = spent.get(key, 0.0) + cost
+
+    def collect(self) -> tuple[list[str], list[float]]:
+        """What was spent per key since the last call (keys that netted out left out), and start afresh."""
+        if not self._spent:
+            return [], []
+        spent, self._spent = self._spent, {}
+        keys = [key for key, cost in spent.items() if cost != 0]
+        return keys, [spent[key] for key in keys]
+
+    def adopt(self, keys: Sequence[str], remaining: Sequence[float]) -> None:
+        """Take each key's shared budget as its own, less what was spent here since it was reported (a
+        negative budget is a debt other instances ran up: refused until it refills)."""
+        now = trio.current_time()
+        since = self._spent or {}
+        for key, shared in zip(keys, remaining, strict=True):
+            self._buckets[key] = (min(self._burst, shared) - since.get(key, 0.0), now)  # keeps its LRU place
+        while len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
 
     def retry_after(self, key: str, cost: float = 1.0) -> float:
         """Seconds until ``cost`` tokens are available for ``key``."""
@@ -101,6 +149,8 @@ def carry_over(fresh: Any, previous: Any) -> Any:
         new, old = getattr(fresh, field.name), getattr(previous, field.name)
         if isinstance(new, Counter) or (isinstance(new, KeyedBuckets) and new.settings == old.settings):
             setattr(fresh, field.name, old)
+        elif isinstance(new, KeyedBuckets) and isinstance(old, KeyedBuckets) and old.tracked:
+            new.track()  # a shared bucket stays shared
         elif attrs.has(type(new)):
             carry_over(new, old)
     return fresh

@@ -98,6 +98,12 @@ class Metrics:
             registry=r,
         )
         self.bus_connected = Gauge("pocketbridge_bus_connected", "1 while the fan-out bus works", registry=r)
+        self.rate_limits_shared = Gauge(
+            "pocketbridge_rate_limits_shared",
+            "1 while rate-limit budgets are shared between instances through Redis; 0 while this instance keeps"
+            " its own (bus = memory, or Redis down)",
+            registry=r,
+        )
         self.store_query_seconds = Histogram(
             "pocketbridge_store_query_seconds",
             "Store call latency by kind (write batch, read)",
