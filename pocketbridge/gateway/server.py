@@ -204,8 +204,9 @@ async def serve_websocket(
                     message = parse_frame(await ws.get_message())
                     conn.busy = True
                     await session.handle(message)
-                    conn.busy = False
-                    conn.close_if_deferred()
+                    if not session.awaiting_commits:  # else the last ack's commit ends the drain (Session)
+                        conn.busy = False
+                        conn.close_if_deferred()
             except ProtocolClose as exc:
                 if session is None:
                     gw.metrics.handshakes.labels(HANDSHAKE_OUTCOMES.get(exc.close, "invalid")).inc()

@@ -10,6 +10,7 @@ and scratchpad forwarding stay here: they are bus traffic, not delivery state.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import trio
@@ -28,6 +29,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..limits import TokenBucket
+from ..protocol.acks import AckQueue, Answer, Entry
 from ..protocol.delivery import (
     FILL_GAPS,
     NOTE_SEEN,
@@ -45,7 +47,7 @@ from ..protocol.delivery import (
 )
 from ..protocol.envelope import Message, encode
 from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
-from ..store import Device, Outcome
+from ..store import Chain, Device, EventResult, Outcome
 from ..tracing import span
 from .connection import Connection
 from .context import Gateway
@@ -57,6 +59,7 @@ log = logging.getLogger("pocketbridge.gateway")
 
 UNKNOWN_DEVICE = "Unknown Device"
 MAX_EARLY_MESSAGES = 100  # control messages held back until session_established is sent
+EVENTS_IN_FLIGHT = 32  # a connection's events handed to the store and not yet answered
 # Refusals that depend on the store, not on the event (§5.3): rejection acks, final for that event.
 STORE_REJECTIONS = {
     Outcome.STORAGE_FULL: ("STORAGE_FULL", "The server's storage is full. Please try again later."),
@@ -78,8 +81,9 @@ def presence_payload(device: Device, online: bool, now_ms: int) -> dict[str, Any
 
 class Session:
     __slots__ = (
-        "_early", "_nursery", "_scratchpad", "conn", "connection_id", "delivery", "device", "device_id", "gw", "key",
-        "pairing_failures", "timers", "user_id", "was_replaced", "wire_device_id",
+        "_acks", "_chain", "_early", "_handling", "_nursery", "_room", "_scratchpad", "conn", "connection_id",
+        "delivery", "device", "device_id", "gw", "key", "pairing_failures", "timers", "user_id", "was_replaced",
+        "wire_device_id",
     )  # thousands of idle sessions: no per-instance __dict__
 
     def __init__(
@@ -105,6 +109,11 @@ class Session:
         now = conn.ws.last_pong = trio.current_time()
         self.timers = SessionTimers(now, gw.clock.now_ms(), cfg.session.ttl, cfg.ws.ping_interval)
         self._scratchpad = TokenBucket(cfg.limits.scratchpad_per_connection_per_second, 1.0)
+        # events handed to the store and not yet answered (made on the first event: idle sessions stay small)
+        self._acks: AckQueue | None = None
+        self._chain: Chain | None = None
+        self._room: trio.Event | None = None  # set when an answer leaves the queue
+        self._handling = False  # a client message is being processed
 
     @property
     def short(self) -> str:
@@ -153,6 +162,8 @@ class Session:
     async def teardown(self) -> None:
         """Release everything this session holds (runs shielded, bounded by the store timeout)."""
         gw = self.gw
+        if self._chain is not None:
+            self._chain.stop()  # events of a closed connection still queued are not tried
         gw.metrics.sessions_open.dec()
         await gw.hub.detach(self)
         gw.store.note_cursor(self.device_id, self.user_id, self.delivery.cursor)
@@ -202,7 +213,7 @@ class Session:
         elif isinstance(out, Count):
             getattr(self.gw.metrics, out.metric).inc(out.amount)
         elif isinstance(out, Disconnect):
-            self.conn.close(out.reason)
+            self._close(out.reason)
         elif out is PING:
             self.conn.send_ping()
         elif out is NOTE_SEEN:
@@ -239,6 +250,9 @@ class Session:
             ping_interval=cfg.ws.ping_interval,
         ):
             self._perform(out)
+        since = self._acks.oldest() if self._acks is not None else None
+        if since is not None and now - since > cfg.storage.op_timeout:
+            self._close(TRY_AGAIN)  # the store did not answer in time (as a waiting write would time out)
 
     def on_bus(self, message: BusMessage) -> None:
         if message.user_id != self.user_id:
@@ -278,16 +292,31 @@ class Session:
             self._perform(out)
 
     # --- messages ------------------------------------------------------------------------------
+    @property
+    def awaiting_commits(self) -> bool:
+        """Events of this session wait for their commit (their acks are still to go out)."""
+        return bool(self._acks)
+
     async def handle(self, msg: Message) -> None:
+        self._handling = True
+        try:
+            await self._handle(msg)
+        finally:
+            self._handling = False
+
+    async def _handle(self, msg: Message) -> None:
         kind = msg.type
         self.gw.store.note_seen(self.device_id, self.user_id)
         if kind == "event":
             await self.handle_event(msg.payload)
-        elif kind == "ack":
+            return
+        if kind == "ack":
             note = self.delivery.ack(msg.payload)
             if note is not None:
                 self.gw.store.note_cursor(self.device_id, self.user_id, note.cursor)
-        elif kind == "replay_request":
+            return
+        await self._wait_acks(below=1)  # any other reply follows the acks of the events before it
+        if kind == "replay_request":
             await self.handle_replay(msg)
         elif kind == "ping":
             self.conn.send(encode({"type": "pong", "payload": {"timestamp": self.gw.clock.now_ms()}}))
@@ -306,7 +335,7 @@ class Session:
             gw.metrics.rate_limited.labels("events_per_user").inc()
             audit(gw, "rate_limited", actor=self.device_id, target=self.user_id, peer=self.conn.peer,
                   detail="events_per_user")
-            self.conn.close(TOO_MANY_EVENTS)
+            self._close(TOO_MANY_EVENTS)
             return
         cfg = gw.config
         verdict = validate_event(
@@ -320,36 +349,84 @@ class Session:
         )
         if isinstance(verdict, ErrorFrame):
             gw.metrics.events.labels("rejected").inc()
-            self.conn.send(encode(verdict.frame()))
+            self._answer_in_turn(Send(encode(verdict.frame())))
             return
         if isinstance(verdict, Rejection):
             gw.metrics.events.labels("rejected").inc()
-            self.conn.send(encode(verdict.ack()))
+            self._answer_in_turn(Send(encode(verdict.ack())))
             return
         await self._store_event(verdict)
 
     async def _store_event(self, event: NewEvent) -> None:
-        gw = self.gw
-        with span("event.ingest", payload_size=event.payload_size) as s:
+        """Hand the event to the store without waiting for its commit: the connection's next events may
+        follow it into the writer (up to EVENTS_IN_FLIGHT); the acks go out in order (:meth:`_stored`)."""
+        if self._acks is None or self._chain is None:
+            self._acks, self._chain = AckQueue(EVENTS_IN_FLIGHT), Chain()
+        await self._wait_acks(below=self._acks.depth)
+        entry = self._acks.push(trio.current_time())
+        with span("event.ingest", payload_size=event.payload_size):
             try:
-                result = await gw.store.append_event(event)
+                await self.gw.store.start_append(event, self._chain, partial(self._stored, entry, event))
             except StoreUnavailable:
-                self.conn.close(TRY_AGAIN)
-                return
-            if s is not None:
-                s.set_attribute("outcome", result.outcome.value)
-        gw.metrics.events.labels(result.outcome.value).inc()
-        if result.outcome in (Outcome.STORED, Outcome.DUPLICATE):
-            self.conn.send(encode(ack_stored(event.device_seq, event.event_id, result.outcome.value)))
-        elif result.outcome in STORE_REJECTIONS:
-            code, error = STORE_REJECTIONS[result.outcome]
-            self.conn.send(encode(Rejection(event.device_seq, event.event_id, code, error).ack()))
-        elif result.outcome is Outcome.CONFLICT:
-            self.conn.close(SEQUENCE_CONFLICT)
-        elif result.outcome is Outcome.REVOKED:
-            self.conn.close(DEVICE_REVOKED)
-        else:  # the user is being deleted: nothing more is committed for it
-            self.conn.close(TRY_AGAIN)
+                self._settle(entry, Disconnect(TRY_AGAIN))
+
+    def _stored(self, entry: Entry, event: NewEvent, result: EventResult | None, error: BaseException | None) -> None:
+        """The store's answer for one event (called by the writer after the batch, in the chain's order)."""
+        if result is None or error is not None:
+            self._settle(entry, Disconnect(TRY_AGAIN))
+            return
+        outcome = result.outcome
+        if outcome is not Outcome.ABANDONED:
+            self.gw.metrics.events.labels(outcome.value).inc()
+        if outcome in (Outcome.STORED, Outcome.DUPLICATE):
+            answer: Answer = Send(encode(ack_stored(event.device_seq, event.event_id, outcome.value)))
+        elif outcome in STORE_REJECTIONS:
+            code, error_text = STORE_REJECTIONS[outcome]
+            answer = Send(encode(Rejection(event.device_seq, event.event_id, code, error_text).ack()))
+        elif outcome is Outcome.CONFLICT:
+            answer = Disconnect(SEQUENCE_CONFLICT)
+        elif outcome is Outcome.REVOKED:
+            answer = Disconnect(DEVICE_REVOKED)
+        else:  # the user is being deleted, or an earlier event ended the chain: nothing more is committed
+            answer = Disconnect(TRY_AGAIN)
+        self._settle(entry, answer)
+
+    def _settle(self, entry: Entry, answer: Answer) -> None:
+        assert self._acks is not None
+        for due in self._acks.answer(entry, answer):
+            self._perform(due)
+        self._answered()
+
+    def _answer_in_turn(self, answer: Answer) -> None:
+        """An answer known at once goes out after those of the events before it."""
+        if self._acks:
+            self._acks.push(trio.current_time(), answer)
+        else:
+            self._perform(answer)
+
+    def _answered(self) -> None:
+        if self._room is not None:
+            self._room.set()
+        if not self._acks and not self._handling:  # a drain waiting for the last ack may close now
+            self.conn.busy = False
+            self.conn.close_if_deferred()
+
+    async def _wait_acks(self, below: int) -> None:
+        """Until fewer than ``below`` events wait for their commit (bounded by ``[storage] op_timeout``)."""
+        if self._acks is None or len(self._acks) < below:
+            return
+        with trio.move_on_after(self.gw.config.storage.op_timeout):
+            while len(self._acks) >= below:
+                self._room = trio.Event()
+                await self._room.wait()
+            return
+        raise StoreUnavailable("events waited too long for their commit")
+
+    def _close(self, reason: Close) -> None:
+        """Close the connection; none of its events not yet tried will commit."""
+        if self._chain is not None:
+            self._chain.stop()
+        self.conn.close(reason)
 
     async def handle_replay(self, msg: Message) -> None:
         """§6: the core decides; its store queries are awaited here, so the reply goes out before the

@@ -108,12 +108,47 @@ class Outcome(enum.Enum):
     DELETING = "deleting"  # the user is being deleted
     STORAGE_FULL = "storage_full"  # free disk below [storage] min_free_bytes: refused, nothing written
     QUOTA_EXCEEDED = "quota_exceeded"  # the user's stored bytes or byte rate is over its limit
+    ABANDONED = "abandoned"  # not tried: an earlier event of its connection ended the chain (see Chain)
+
+
+# Outcomes after which the session closes: nothing later from the same connection may commit.
+ENDS_CHAIN = frozenset({Outcome.CONFLICT, Outcome.REVOKED, Outcome.DELETING})
 
 
 @attrs.frozen
 class EventResult:
     outcome: Outcome
     event: StoredEvent | None = None
+
+
+class Chain:
+    """One connection's events in the writer, numbered in the order the connection sent them.
+
+    Several of a connection's events may wait in the writer at once (their acks go out in order); once
+    one of them ends the chain (:data:`ENDS_CHAIN`) or the connection closes, none after it commits: they
+    are not tried and come back :attr:`Outcome.ABANDONED`."""
+
+    __slots__ = ("last", "stop_after")
+
+    def __init__(self) -> None:
+        self.last = 0  # the number of the connection's latest event
+        self.stop_after: int | None = None  # events numbered above this are not tried
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last
+
+    def runs(self, index: int) -> bool:
+        return self.stop_after is None or index <= self.stop_after
+
+    def stop(self, after: int = 0) -> None:
+        """Nothing numbered above ``after`` commits (0: nothing not yet tried)."""
+        if self.stop_after is None or after < self.stop_after:
+            self.stop_after = after
+
+
+# What an event's commit tells its connection: the result, or the error that failed its batch.
+AppendDone = Callable[[EventResult | None, BaseException | None], None]
 
 
 class Pairing(enum.Enum):
@@ -291,6 +326,11 @@ class Store(Protocol):
     async def admit_device(self, request: AdmitRequest, now_ms: int) -> Admission: ...
 
     async def append_event(self, event: NewEvent) -> EventResult: ...
+
+    async def start_append(self, event: NewEvent, chain: Chain, done: AppendDone) -> None:
+        """Queue ``event`` as the next of ``chain`` without waiting for its commit: ``done(result, error)``
+        is called once its batch has committed (or failed), in the order the chain's events were queued.
+        Waits only while the writer's queue is full; raises StoreUnavailable while the store is down."""
 
     async def set_presence(self, device_id: str, connection_id: str, online: bool) -> int:
         """Mark the device on- or offline (offline only if ``connection_id`` is still the one that set

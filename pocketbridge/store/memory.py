@@ -38,7 +38,7 @@ from . import (
 )
 from .ops import WriteOp
 from .rules import Sender, SizedKey
-from .writer import BatchedWrites
+from .writer import BatchedWrites, Pending
 
 R = TypeVar("R")
 
@@ -352,6 +352,15 @@ class InlineWriter:
         if isinstance(result, EventResult) and result.event is not None:
             await self.on_commit([result.event])
         return result
+
+    async def enqueue(self, op: WriteOp[R], then: Callable[[Pending[R]], None]) -> None:
+        self._store.check()  # like the breaker: refused at once while unavailable
+        pending = Pending(op, then)
+        try:
+            pending.result = await self.submit(op)
+        except StoreUnavailable as exc:
+            pending.error = exc
+        then(pending)
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         rules.flush(self._store.tables, {device_id: (user_id, cursor)}, {}, [], self._store.clock.now_ms())

@@ -15,11 +15,14 @@ import attrs
 from ..audit import AuditRow
 from ..protocol.events import NewEvent
 from . import (
+    ENDS_CHAIN,
     Admission,
     AdmitRequest,
+    Chain,
     DeletedCounts,
     Device,
     EventResult,
+    Outcome,
     PairingResult,
     Profile,
     Rename,
@@ -57,9 +60,27 @@ class AdmitOp(WriteOp[Admission]):
 @attrs.frozen
 class AppendOp(WriteOp[EventResult]):
     event: NewEvent
+    chain: Chain | None = attrs.field(default=None, eq=False, repr=False)  # its connection's events in flight
+    index: int = 0  # its number in the chain
+
+    @property
+    def runs(self) -> bool:
+        """False once an earlier event of its chain ended it, or its connection closed."""
+        return self.chain is None or self.chain.runs(self.index)
+
+    def settle(self, result: EventResult) -> EventResult:
+        """Record an outcome that ends the chain: nothing later from the connection commits."""
+        if self.chain is not None and result.outcome in ENDS_CHAIN:
+            self.chain.stop(self.index)
+        return result
 
     def run(self, tx: StoreTx, now_ms: int) -> EventResult:
-        return tx.append(self.event, now_ms)
+        if not self.runs:
+            return ABANDONED
+        return self.settle(tx.append(self.event, now_ms))
+
+
+ABANDONED = EventResult(Outcome.ABANDONED)
 
 
 @attrs.frozen

@@ -41,7 +41,7 @@ from . import (
     UserSummary,
     paginate,
 )
-from .ops import AppendOp, CoalescedOp
+from .ops import ABANDONED, AppendOp, CoalescedOp
 from .rules import SizedKey
 from .writer import BatchedWrites, BatchWriter, Breaker, Pending
 
@@ -68,6 +68,10 @@ APPEND_EVENT = (
 )
 UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)  # the server cannot answer (a read's only mapped errors)
 OP_ERRORS = (psycopg.errors.IntegrityError, psycopg.errors.DataError)  # fail one operation, not its batch
+
+
+class ChainEnded(Exception):
+    """A batch stored an event after its connection's chain ended: rolled back, to be redone."""
 
 
 class SchemaError(StoreUnavailable):
@@ -529,32 +533,44 @@ class PostgresStore(BatchedWrites):
     def _apply_batch(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         """The batch as one transaction, tried again once if PostgreSQL picked it as a deadlock
         victim (it was rolled back whole, so repeating it is safe)."""
-        try:
-            return self._apply_batch_once(batch, now_ms)
-        except StoreUnavailable as exc:
-            if not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected):
-                raise
-            log.warning("store batch was a deadlock victim; retrying it once")
-            return self._apply_batch_once(batch, now_ms)
+        for _ in range(len(batch)):  # each redo stops at least one more chain: it ends
+            try:
+                return self._apply_batch_once(batch, now_ms)
+            except ChainEnded:
+                continue  # an event ended its chain, and a later one of the chain was stored: without it
+            except StoreUnavailable as exc:
+                if not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected):
+                    raise
+                log.warning("store batch was a deadlock victim; retrying it once")
+                return self._apply_batch_once(batch, now_ms)
+        return self._apply_batch_once(batch, now_ms)
 
     def _apply_batch_once(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         """One transaction. Events (and the coalesced updates, which read nothing back) are
         pipelined: BEGIN, every event's ``pb_append_event`` call and COMMIT go to the server together,
         one round trip for the usual batch; their outcomes are read once the batch has committed.
         Other operations read results as they go (row counts, lookups), so a batch holding them runs
-        unpipelined, each in a savepoint. Events never take a savepoint: one failing fails the batch."""
-        appended: list[tuple[Pending[Any], NewEvent, psycopg.Cursor[Any]]] = []
+        unpipelined, each in a savepoint. Events never take a savepoint: one failing fails the batch.
+
+        When several events of one connection (a :class:`~pocketbridge.store.Chain`) are in the batch, their
+        outcomes are read before the COMMIT: if one ended the chain (a conflict) and a later one was stored,
+        the batch is rolled back (:class:`ChainEnded`) and redone without the later ones."""
+        appended: list[tuple[Pending[Any], AppendOp, psycopg.Cursor[Any]]] = []
         stored: list[StoredEvent] = []
         pipelined = all(isinstance(p.op, AppendOp | CoalescedOp) for p in batch)
         if pipelined:  # users' row locks in a fixed order (a stable sort keeps each user's own order)
             batch = sorted(batch, key=lambda p: p.op.event.user_id if isinstance(p.op, AppendOp) else "")
+        chains = [p.op.chain for p in batch if isinstance(p.op, AppendOp) and p.op.chain is not None]
+        read_first = len(set(map(id, chains))) < len(chains)
         with map_errors("commit failed"):
             with self._pool.connection() as conn, conn.pipeline() if pipelined else nullcontext(), conn.transaction():
                 tx = PgTx(conn, self.instance_id, self._quota)
                 for pending in batch:
                     op = pending.op
-                    if isinstance(op, AppendOp) and pipelined:
-                        appended.append((pending, op.event, tx.start_append(op.event, now_ms)))
+                    if isinstance(op, AppendOp) and not op.runs:
+                        pending.result = ABANDONED
+                    elif isinstance(op, AppendOp) and pipelined:
+                        appended.append((pending, op, tx.start_append(op.event, now_ms)))
                     elif isinstance(op, AppendOp):
                         pending.result = result = op.run(tx, now_ms)
                         if result.event is not None:
@@ -566,11 +582,19 @@ class PostgresStore(BatchedWrites):
                         except StoreUnavailable as exc:
                             log.error("%s", exc)
                             pending.error = exc
-            for pending, event, cur in appended:
-                pending.result = result = PgTx.append_result(event, cur, now_ms)
-                if result.event is not None:
-                    stored.append(result.event)
+                if read_first:
+                    self._settle(appended, now_ms)
+                    if any(not op.runs and p.result.outcome is Outcome.STORED for p, op, _ in appended):
+                        raise ChainEnded
+            if not read_first:
+                self._settle(appended, now_ms)
+        stored.extend(p.result.event for p, _, _ in appended if p.result.event is not None)
         return stored
+
+    @staticmethod
+    def _settle(appended: Sequence[tuple[Pending[Any], AppendOp, psycopg.Cursor[Any]]], now_ms: int) -> None:
+        for pending, op, cur in appended:
+            pending.result = op.settle(PgTx.append_result(op.event, cur, now_ms))
 
     # --- reads -----------------------------------------------------------------------------------
     async def _rows(self, make: Callable[..., R], sql: str, params: Sequence[Any] = ()) -> list[R]:

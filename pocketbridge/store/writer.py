@@ -24,6 +24,8 @@ from ..tracing import span
 from . import (
     Admission,
     AdmitRequest,
+    AppendDone,
+    Chain,
     CommitHook,
     DeletedCounts,
     Device,
@@ -93,13 +95,14 @@ class Breaker:
 class Pending(Generic[R]):
     """A submitted operation: its ``result`` (or ``error``) is set by the backend's apply_batch."""
 
-    __slots__ = ("op", "result", "error", "done")
+    __slots__ = ("op", "result", "error", "done", "then")
     result: R
 
-    def __init__(self, op: WriteOp[R]) -> None:
+    def __init__(self, op: WriteOp[R], then: Callable[[Pending[R]], None] | None = None) -> None:
         self.op = op
         self.error: BaseException | None = None
         self.done = trio.Event()
+        self.then = then  # called after the batch instead of a waiting caller (see BatchWriter.enqueue)
 
 
 # apply_batch(batch, now_ms) sets result / error on each pending operation and returns the events it
@@ -156,6 +159,14 @@ class BatchWriter:
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    async def enqueue(self, op: WriteOp[R], then: Callable[[Pending[R]], None]) -> None:
+        """Queue one operation without waiting for its commit: ``then(pending)`` is called once its batch
+        committed or failed, in queue order. Waits only while the queue is full (the caller bounds that
+        wait); StoreUnavailable at once while the breaker is open."""
+        self._breaker.check()
+        self.queued += 1
+        await self._send.send(Pending(op, then))
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         known = self._cursors.get(device_id)
@@ -260,6 +271,12 @@ class BatchWriter:
                 log.exception("commit hook failed for %d events", len(stored))
         for pending in batch:
             pending.done.set()
+            if pending.then is not None:
+                self.queued -= 1
+                try:
+                    pending.then(pending)
+                except Exception:
+                    log.exception("completion of a %s failed", pending.op.name)
 
     def _note_skipped(self, batch: Sequence[Pending[Any]]) -> None:
         """Cursors a committed flush skipped (another instance held the rows) go into the next flush."""
@@ -311,6 +328,8 @@ class Writer(Protocol):
 
     async def submit(self, op: WriteOp[R]) -> R: ...
 
+    async def enqueue(self, op: WriteOp[R], then: Callable[[Pending[R]], None]) -> None: ...
+
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None: ...
 
     def note_seen(self, device_id: str, user_id: str) -> None: ...
@@ -332,6 +351,16 @@ class BatchedWrites:
         if self.space_low():
             return EventResult(Outcome.STORAGE_FULL)
         return await self._writer.submit(AppendOp(event))
+
+    async def start_append(self, event: NewEvent, chain: Chain, done: AppendDone) -> None:
+        if self.space_low():
+            done(EventResult(Outcome.STORAGE_FULL), None)
+            return
+
+        def then(pending: Pending[EventResult]) -> None:
+            done(None if pending.error is not None else pending.result, pending.error)
+
+        await self._writer.enqueue(AppendOp(event, chain, chain.next()), then)
 
     def space_low(self) -> bool:
         """Free disk below ``[storage] min_free_bytes`` (only the embedded store watches its disk)."""

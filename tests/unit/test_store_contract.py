@@ -29,6 +29,7 @@ from pocketbridge.store import (
     Admission,
     Admit,
     AdmitRequest,
+    Chain,
     DeletedCounts,
     Device,
     EventResult,
@@ -42,6 +43,8 @@ from pocketbridge.store import (
     rules,
 )
 from pocketbridge.store.memory import MemoryStore
+from pocketbridge.store.ops import AppendOp
+from pocketbridge.store.writer import Pending
 from tests.conftest import make_config, temporary_database
 
 MINUTE = 60_000
@@ -556,3 +559,51 @@ async def test_store_answers(h: Harness) -> None:
     assert h.store.write_failing is None and not h.store.space_low()
     assert set(h.store.stats()) >= {"pool_size", "pool_idle", "pool_waiting", "writer_queue", "breaker_open",
                                     "audit_dropped"}
+
+
+async def test_a_chain_ends_at_its_first_conflict(h: Harness) -> None:
+    """A connection's events queued without waiting (a Chain): answered in order, and after the one that
+    ended the chain (a conflict) nothing of it commits, whether in the same batch or a later one."""
+    device = await h.device(key())
+    await h.stored(device, 1)
+    answers: list[tuple[int, Outcome | None]] = []
+    chain = Chain()
+    for seq in (2, 1, 3, 4):  # seq 1 again, another event: a conflict
+        event = NewEvent(new_event_id(), device.user_id, device.device_id, seq, "s", "t", "p", 1, None)
+        await h.store.start_append(event, chain, lambda r, e, seq=seq: answers.append((seq, r and r.outcome)))
+    with trio.fail_after(10):
+        while len(answers) < 4:
+            await trio.sleep(0.01)
+    assert answers == [(2, Outcome.STORED), (1, Outcome.CONFLICT), (3, Outcome.ABANDONED), (4, Outcome.ABANDONED)]
+    assert await h.store.head_seq(device.user_id) == 2
+    stopped = Chain()
+    stopped.stop()  # the connection closed: its queued events are not tried
+    event = NewEvent(new_event_id(), device.user_id, device.device_id, 5, "s", "t", "p", 1, None)
+    await h.store.start_append(event, stopped, lambda r, e: answers.append((5, r and r.outcome)))
+    with trio.fail_after(10):
+        while len(answers) < 5:
+            await trio.sleep(0.01)
+    assert answers[-1] == (5, Outcome.ABANDONED) and await h.store.head_seq(device.user_id) == 2
+
+
+@pytest.mark.parametrize("open_store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+async def test_a_chain_ends_inside_one_batch(h: Harness) -> None:
+    """The same, with the chain's events in one batch transaction (PostgreSQL sends them pipelined and
+    reads the outcomes before the COMMIT: a stored event after the conflict rolls the batch back and it
+    is redone without it)."""
+    device = await h.device(key())
+    await h.stored(device, 1)
+    chain = Chain()
+    batch = [
+        Pending(AppendOp(NewEvent(new_event_id(), device.user_id, device.device_id, seq, "s", "t", "p", 1, None),
+                         chain, chain.next()))
+        for seq in (2, 1, 3)
+    ]
+    store: Any = h.store
+    stored = store._apply_batch(batch, h.now)
+    if h.backend == "sqlite":
+        store._commit()
+    assert [p.result.outcome for p in batch] == [Outcome.STORED, Outcome.CONFLICT, Outcome.ABANDONED]
+    assert [e.device_seq for e in stored] == [2]
+    assert await h.store.head_seq(device.user_id) == 2
