@@ -178,7 +178,7 @@ class Daemon:
                 await bus.publish(
                     [
                         EventNotice(e.user_id, e.server_seq, e.device_id, e.event_id, e.device_seq, e.ttl,
-                                    event_message(e), e.created_at)
+                                    event_message(e), e.created_at, e.trace)
                         for e in events
                     ]
                 )

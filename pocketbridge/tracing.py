@@ -30,6 +30,23 @@ def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]
     return _span(name, attributes)
 
 
+def open_span(name: str, **attributes: Any) -> Any:
+    """A span that outlives the block that opens it (e.g. an event's ingest, ended when its batch
+    commits): the caller makes it current with :func:`within` and calls ``end()``; None while off."""
+    if _tracer is None:
+        return None
+    return _tracer.start_span(name, attributes=attributes)
+
+
+def within(opened: Any) -> contextlib.AbstractContextManager[Any]:
+    """``opened`` (from :func:`open_span`) as the current span, without ending it."""
+    if opened is None:
+        return _NOOP
+    from opentelemetry.trace import use_span
+
+    return use_span(opened, end_on_exit=False)
+
+
 def span_under(carrier: dict[str, str] | None, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
     """A span whose parent is the remote trace context ``carrier`` (from :func:`trace_context`, e.g. carried
     in a bus message); with no carrier, the current span is the parent, as with :func:`span`."""

@@ -48,7 +48,7 @@ from ..protocol.delivery import (
 from ..protocol.envelope import Message, encode
 from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
 from ..store import Chain, Device, EventResult, Outcome
-from ..tracing import span
+from ..tracing import open_span, within
 from .connection import Connection
 from .context import Gateway
 from .pairing import complete_pairing, initiate_pairing
@@ -364,14 +364,22 @@ class Session:
             self._acks, self._chain = AckQueue(EVENTS_IN_FLIGHT), Chain()
         await self._wait_acks(below=self._acks.depth)
         entry = self._acks.push(trio.current_time())
-        with span("event.ingest", payload_size=event.payload_size):
+        ingest = open_span("event.ingest", payload_size=event.payload_size)  # ended by _stored (None: off)
+        with within(ingest):  # the writer carries its context to the bus message
             try:
-                await self.gw.store.start_append(event, self._chain, partial(self._stored, entry, event))
+                await self.gw.store.start_append(event, self._chain, partial(self._stored, entry, event, ingest))
             except StoreUnavailable:
                 self._settle(entry, Disconnect(TRY_AGAIN))
+                if ingest is not None:
+                    ingest.end()
 
-    def _stored(self, entry: Entry, event: NewEvent, result: EventResult | None, error: BaseException | None) -> None:
+    def _stored(
+        self, entry: Entry, event: NewEvent, ingest: Any, result: EventResult | None, error: BaseException | None
+    ) -> None:
         """The store's answer for one event (called by the writer after the batch, in the chain's order)."""
+        if ingest is not None:
+            ingest.set_attribute("outcome", result.outcome.value if result is not None else "failed")
+            ingest.end()
         if result is None or error is not None:
             self._settle(entry, Disconnect(TRY_AGAIN))
             return

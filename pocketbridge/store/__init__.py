@@ -41,6 +41,8 @@ class StoredEvent:
     payload_size: int
     ttl: int | None
     created_at: int
+    # the trace context of the span that ingested it, while tracing is on (carried on to the bus message)
+    trace: dict[str, str] | None = attrs.field(default=None, eq=False, repr=False)
 
     def wire(self) -> dict[str, Any]:
         payload: dict[str, Any] = {

@@ -14,13 +14,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+import attrs
 import trio
 
 from ..audit import AuditRow, AuditThrottle
 from ..clock import Clock
 from ..errors import StorageFull, StoreUnavailable
 from ..protocol.events import NewEvent
-from ..tracing import span
+from ..tracing import span, trace_context
 from . import (
     Admission,
     AdmitRequest,
@@ -95,7 +96,7 @@ class Breaker:
 class Pending(Generic[R]):
     """A submitted operation: its ``result`` (or ``error``) is set by the backend's apply_batch."""
 
-    __slots__ = ("op", "result", "error", "done", "then")
+    __slots__ = ("op", "result", "error", "done", "then", "trace")
     result: R
 
     def __init__(self, op: WriteOp[R], then: Callable[[Pending[R]], None] | None = None) -> None:
@@ -103,6 +104,7 @@ class Pending(Generic[R]):
         self.error: BaseException | None = None
         self.done = trio.Event()
         self.then = then  # called after the batch instead of a waiting caller (see BatchWriter.enqueue)
+        self.trace = trace_context()  # the submitter's span (None while tracing is off)
 
 
 # apply_batch(batch, now_ms) sets result / error on each pending operation and returns the events it
@@ -253,7 +255,7 @@ class BatchWriter:
                         applied = await trio.to_thread.run_sync(self._apply_and_commit, batch, now_ms)
                 else:
                     applied = await trio.to_thread.run_sync(self._apply_batch, batch, now_ms)
-            stored = applied
+            stored = _traced(applied, batch) if any(p.trace for p in batch) else applied
             self._note_skipped(batch)
             self.observe("write_batch", trio.current_time() - started)
             self._breaker.succeeded()
@@ -316,6 +318,15 @@ class BatchWriter:
     def _fail(batch: Sequence[Pending[Any]], exc: BaseException) -> None:
         for pending in batch:
             pending.error = exc
+
+
+def _traced(stored: list[StoredEvent], batch: Sequence[Pending[Any]]) -> list[StoredEvent]:
+    """The stored events with the trace context of the span that submitted each (tracing on)."""
+    traces = {
+        id(p.result.event): p.trace for p in batch
+        if p.trace and isinstance(p.op, AppendOp) and p.error is None and p.result.event is not None
+    }
+    return [attrs.evolve(e, trace=traces[id(e)]) if id(e) in traces else e for e in stored]
 
 
 class Writer(Protocol):

@@ -82,15 +82,16 @@ async def test_a_relay_across_instances_is_one_trace(tmp_path: Path, postgres_ds
         assert spans, f"no spans exported by {service}"
         assert {s["resource"]["attributes"]["service.name"] for s in spans} == {service}
 
-    publishes = [s for s in spans_one if s["name"] == "relay.publish"]
-    assert len(publishes) == 1, publishes  # one event, one committed batch with an event in it
-    publish = publishes[0]
+    ingests = [s for s in spans_one if s["name"] == "event.ingest"]
+    assert len(ingests) == 1, ingests  # one event
+    ingest = ingests[0]
 
     delivers = [s for s in spans_two if s["name"] == "relay.deliver"]
     assert len(delivers) == 1, delivers  # the receiver is the only session of this user on instance two
     deliver = delivers[0]
-    assert deliver["context"]["trace_id"] == publish["context"]["trace_id"]
-    assert deliver["parent_id"] == publish["context"]["span_id"]  # a parent on the other instance
+    # the event's own trace: from the connection that sent it on instance one to its delivery on instance two
+    assert deliver["context"]["trace_id"] == ingest["context"]["trace_id"]
+    assert deliver["parent_id"] == ingest["context"]["span_id"]  # a parent on the other instance
     assert deliver["attributes"] == {"sessions": 1}
 
     # the trace context is the only thing that travelled: no ids, keys or payloads in any span
@@ -116,8 +117,8 @@ async def test_a_relay_on_one_instance_is_one_trace(config_factory):
     finally:
         stop_tracing(provider)
     spans = exporter.get_finished_spans()
-    (publish,) = [s for s in spans if s.name == "relay.publish"]
+    (ingest,) = [s for s in spans if s.name == "event.ingest"]
     (deliver,) = [s for s in spans if s.name == "relay.deliver"]
-    assert deliver.context.trace_id == publish.context.trace_id
-    assert deliver.parent is not None and deliver.parent.span_id == publish.context.span_id
+    assert deliver.context.trace_id == ingest.context.trace_id
+    assert deliver.parent is not None and deliver.parent.span_id == ingest.context.span_id
     assert deliver.attributes["sessions"] == 2  # both sessions of the user (the sender ignores its own event)
