@@ -71,7 +71,13 @@ class Accounts:
     async def delete_user(
         self, user_id: str, *, actor: str | None = None, peer: str | None = None
     ) -> DeletedCounts | None:
-        """Mark the user deleting, close its connections everywhere, then delete its data in one transaction."""
+        """Mark the user deleting, close its connections everywhere, then delete its data.
+
+        The mark is the fence: once it has committed, the store refuses every event and handshake of the
+        user on every instance (``deleting``, under the user's row lock), so sessions elsewhere need not be
+        waited for — they cannot add anything the deletion would miss, and each instance closes them from
+        the bus or, with the bus down, from the store on its next catch-up poll. Local sessions get
+        ACCOUNT_CLOSE_WAIT to close first, so their last acks go out before the data goes."""
         if not await self.store.mark_deleting(user_id):
             return None
         self.audit("account_deleted", actor=actor, target=user_id, peer=peer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -65,5 +66,58 @@ async def test_revocation_deletion_and_takeover_hold_with_the_bus_down(tmp_path:
 
                     async with connect(one.ws_url, carol, carols):  # the same device again, elsewhere
                         assert await closed_within(c, BOUND) == (1000, "New connection established for this device")
+    finally:
+        await redis.kill()
+
+
+async def test_account_deletion_fences_sessions_on_other_instances(tmp_path: Path, postgres_dsn: str) -> None:
+    """§8 account deletion with the bus down: the deleting instance cannot wait for sessions elsewhere, so
+    the store fences them. A session on the other instance sending events all along gets none committed
+    after the deletion began (refused: its user is deleting), is closed within the bound, and once the
+    DELETE returns nothing of the account is left, whatever that session still sent."""
+
+    redis = PrivateRedis(free_port(), tmp_path)
+    identity = tmp_path / "identity.key"
+    write_new_identity(identity)
+    await redis.start()
+    try:
+        sections = {"storage": {"backend": "postgres", "dsn": postgres_dsn}, "bus": {"backend": "redis", "url": redis.url}}
+        one_cfg = daemon_config(tmp_path / "one", identity, **sections)
+        two_cfg = daemon_config(tmp_path / "two", identity, **sections)
+        bob = DeviceKey.generate()
+        laptop, phone = new_device_id(), new_device_id()
+        acked: list[int] = []
+        with trio.fail_after(90):
+            async with run_daemon(one_cfg) as (_, one), run_daemon(two_cfg) as (_, two):
+                async with connect(one.ws_url, bob, laptop), connect(two.ws_url, bob, phone) as p:
+                    await redis.kill()
+                    await trio.sleep(0.2)
+
+                    async def keep_sending() -> None:
+                        try:
+                            for i in range(100_000):
+                                ack = await p.send_event("notes:main", "note:text", b"x%d" % i)
+                                if ack.status == "stored":
+                                    acked.append(i)
+                        except Closed:
+                            return
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(keep_sending)
+                        await trio.sleep(0.5)  # events are flowing from the other instance
+                        assert acked
+                        async with http_client(one) as http:
+                            r = await signed(http, bob, laptop, "DELETE", "/api/user")
+                            assert r.status_code == 200, r.text
+                        with trio.fail_after(BOUND):  # the sender's session is closed: its loop ends
+                            while nursery.child_tasks:  # noqa: ASYNC110
+                                await trio.sleep(0.05)
+        with psycopg.connect(postgres_dsn) as db:
+            left = db.execute(
+                "SELECT (SELECT count(*) FROM events WHERE user_id = %s), (SELECT count(*) FROM devices"
+                " WHERE user_id = %s), (SELECT count(*) FROM users WHERE user_id = %s)",
+                (bob.public_hex, bob.public_hex, bob.public_hex),
+            ).fetchone()
+        assert left == (0, 0, 0), left
     finally:
         await redis.kill()
