@@ -58,11 +58,16 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+# one decoder and one encoder for every frame (json.loads/dumps with options build a new one per call)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def parse_frame(data: str | bytes) -> Message:
     """Decode one frame; anything but a JSON object with a string ``type`` closes with 1008."""
     try:
         text = bytes(data).decode("utf-8") if not isinstance(data, str) else data
-        raw = json.loads(text, parse_constant=_reject_constant)
+        raw = _DECODER.decode(text)
     except (ValueError, RecursionError, TypeError):  # UnicodeDecodeError is a ValueError
         raise ProtocolClose(INVALID_FORMAT) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
@@ -72,4 +77,4 @@ def parse_frame(data: str | bytes) -> Message:
 
 def encode(message: Mapping[str, Any]) -> str:
     """Compact JSON text of an outgoing message."""
-    return json.dumps(dict(message), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(message if type(message) is dict else dict(message))
