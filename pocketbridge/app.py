@@ -37,7 +37,6 @@ from .maintenance import Wakeup, run_catch_up, run_heartbeat, run_purger
 from .metrics import Metrics
 from .protocol.delivery import event_message
 from .protocol.handshake import ServerIdentity
-from .shared_limits import SharedLimits, redis_prefix
 from .store import StoredEvent
 from .systemd import notify, run_watchdog
 from .tracing import setup_tracing, span, stop_tracing
@@ -207,6 +206,8 @@ class Daemon:
                 metrics=self.metrics, limits=Limits.from_config(self.config), instance_id=self.instance_id,
             )
             if self.config.bus.backend == "redis":  # one budget per address, user or device across instances
+                from .shared_limits import SharedLimits, redis_prefix  # only with Redis: the default never loads it
+
                 shared = SharedLimits(self.config.bus.url, lambda: gw.limits, redis_prefix(identity.public_hex),
                                       lambda up: self.metrics.rate_limits_shared.set(1 if up else 0))
                 services.start_soon(shared.run)

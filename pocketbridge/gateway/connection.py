@@ -29,38 +29,48 @@ class Outbox:
     """A send queue bounded by message count and by size (characters of the encoded JSON).
 
     A message stays in the queue until the task that sends it takes it out, so ``size`` and ``len``
-    are exact at any moment: nothing is ever half-way between the queue and the writer."""
+    are exact at any moment: nothing is ever half-way between the queue and the writer. An empty
+    outbox holds no buffer and no event (an idle connection keeps thousands of them)."""
 
     __slots__ = ("_queue", "_max_messages", "_max_bytes", "_ready", "size")
 
     def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self._queue: deque[str] = deque()
+        self._queue: deque[str] | None = None  # made by put, dropped by take once empty
         self._max_messages = max_messages
         self._max_bytes = max_bytes
-        self._ready = trio.Event()  # set when a message is put (renewed by get_many before waiting)
+        self._ready: trio.Event | None = None  # made by get_many before waiting, set (and dropped) by put
         self.size = 0
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def put(self, message: str) -> bool:
-        if len(self._queue) >= self._max_messages or self.size + len(message) > self._max_bytes:
+        if len(self) >= self._max_messages or self.size + len(message) > self._max_bytes:
             return False
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(message)
         self.size += len(message)
-        self._ready.set()
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
         return True
 
     def take(self, max_bytes: int) -> list[str]:
         """What is queued now, oldest first, up to about ``max_bytes`` (at least one message unless
         the queue is empty). Never waits."""
         messages: list[str] = []
+        queue = self._queue
+        if queue is None:
+            return messages
         size = 0
-        while self._queue and (not messages or size < max_bytes):
-            message = self._queue.popleft()
+        while queue and (not messages or size < max_bytes):
+            message = queue.popleft()
             size += len(message)
             messages.append(message)
         self.size -= size
+        if not queue:
+            self._queue = None
         return messages
 
     async def get_many(self, max_bytes: int) -> list[str]:
@@ -68,16 +78,17 @@ class Outbox:
         checkpoint even when messages are queued, so a cancelled caller stops here."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._queue:
-            self._ready = trio.Event()
-            await self._ready.wait()
+            ready = self._ready = trio.Event()
+            await ready.wait()
         return self.take(max_bytes)
 
 
 class Connection:
     __slots__ = (
         "ws", "peer", "id", "outbox", "close_reason", "closed_by_peer", "overflowed", "_final", "_deferred", "busy",
-        "_scope", "_close_timeout", "_writer_scope", "_writer_stopped", "_writer_done",
+        "_scope", "_close_timeout", "_nursery", "_writer_active", "_writer_scope", "_writer_stopped", "_writer_done",
     )
+
     def __init__(
         self,
         ws: WebSocket,
@@ -86,7 +97,11 @@ class Connection:
         send_queue_messages: int,
         send_queue_bytes: int,
         close_timeout: float,
+        nursery: trio.Nursery | None = None,
     ) -> None:
+        """With ``nursery`` (the connection's), the writer is started there on demand: a writer task runs
+        only while the outbox has messages, so an idle connection runs none. Without it, the caller runs
+        :meth:`run_writer` for the whole connection."""
         self.ws = ws
         self.peer = peer
         self.id = secrets.token_hex(8)
@@ -97,9 +112,11 @@ class Connection:
         self._final: str | None = None
         self._deferred = False
         self.busy = False  # a client message is being processed
-        self._writer_scope: trio.CancelScope | None = None
+        self._nursery = nursery
+        self._writer_active = False  # a writer task is started (or scheduled to start)
+        self._writer_scope: trio.CancelScope | None = None  # the running writer's
         self._writer_stopped = False
-        self._writer_done = trio.Event()  # set when run_writer has returned (or will return at once)
+        self._writer_done: trio.Event | None = None  # made by _stop_writer, set when the writer has returned
         self._scope: trio.CancelScope | None = None
         self._close_timeout = close_timeout
 
@@ -119,6 +136,9 @@ class Connection:
         if not self.outbox.put(message):
             self.overflowed = True
             self.close(TRY_AGAIN)
+        elif not self._writer_active and self._nursery is not None and not self._writer_stopped:
+            self._writer_active = True
+            self._nursery.start_soon(self.run_writer)
 
     def send_ping(self) -> None:
         """Queue a protocol ping (the writer turns the empty marker into a ping frame)."""
@@ -151,24 +171,28 @@ class Connection:
             self._scope.cancel()
 
     async def run_writer(self) -> None:
-        """The one task that writes to the socket. It runs outside the connection's nursery and is
-        never cancelled mid-frame (a frame cut in half would corrupt the stream): :meth:`finish`
+        """The one task that writes to the socket. It runs outside the connection's message loop and
+        is never cancelled mid-frame (a frame cut in half would corrupt the stream): :meth:`finish`
         stops it between frames and waits until it has returned, or aborts the TCP connection if a
-        frame cannot get out in time."""
+        frame cannot get out in time. Started on demand (with a nursery), it returns once the outbox
+        is empty; the next message starts it again."""
+        self._writer_active = True
         try:
             with trio.CancelScope() as scope:
                 self._writer_scope = scope
-                if self._writer_stopped:
-                    return
+                on_demand = self._nursery is not None
                 try:
-                    while not self._writer_stopped:
+                    while not self._writer_stopped and (self.outbox or not on_demand):
                         messages = await self.outbox.get_many(WRITE_BATCH_BYTES)
                         with trio.CancelScope(shield=True):
                             await self.ws.send_many(messages)
                 except ConnectionClosed:
                     self.peer_closed()
         finally:
-            self._writer_done.set()
+            self._writer_active = False
+            self._writer_scope = None
+            if self._writer_done is not None:
+                self._writer_done.set()
 
     async def finish(self) -> None:
         """Let the frame being written finish, flush what is queued (unless the peer is too slow
@@ -195,7 +219,9 @@ class Connection:
         """Stop the writer between two writes and wait until it has returned: from then on nothing
         but the caller takes messages from the outbox or writes to the socket."""
         self._writer_stopped = True
-        if self._writer_scope is None:  # not started yet: it returns as soon as it starts
+        if not self._writer_active:  # none, or not started yet: it returns as soon as it starts
             return
-        self._writer_scope.cancel()
-        await self._writer_done.wait()
+        if self._writer_scope is not None:  # else scheduled on demand: it returns as soon as it starts
+            self._writer_scope.cancel()
+        done = self._writer_done = trio.Event()
+        await done.wait()

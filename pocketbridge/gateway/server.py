@@ -139,7 +139,9 @@ async def _upgrade_and_serve(
             await ws.reject(404)
         return
     forwarded = [v.decode("latin-1") for k, v in request.extra_headers if k.lower() == b"x-forwarded-for"]
+    del request  # the headers are not kept for the life of the connection
     peer = peer_address(_peer(stream), forwarded, limits.trusted_proxies, gw.config.limits.ipv6_prefix)
+    del forwarded
     async with trio.open_nursery() as nursery:
         try:
             await ws.accept()
@@ -171,19 +173,20 @@ async def serve_websocket(
     on_established: Callable[[], None] = lambda: None,
 ) -> None:
     """The WebSocket session of one connection: the message loop runs here, inside the connection's
-    cancel scope; its writer (and any gap filler) run in ``outer``, the connection's nursery."""
+    cancel scope; its writer (started whenever there is something to send) and any gap filler run in
+    ``outer``, the connection's nursery."""
     cfg = gw.config.ws
     conn = Connection(
         ws, peer,
         send_queue_messages=cfg.send_queue_messages,
         send_queue_bytes=cfg.send_queue_bytes,
         close_timeout=cfg.close_timeout,
+        nursery=outer,
     )
     request_id_var.set(f"ws:{conn.short_id}")
     gw.metrics.connections_open.inc()
     gw.connections.add(conn)
     session: Session | None = None
-    outer.start_soon(conn.run_writer)
     try:
         with trio.CancelScope() as scope:
             conn.bind(scope)

@@ -183,6 +183,10 @@ class WebSocket:
         proto = self._proto
         assert proto is not None and self._reader == _NOT_STARTED, "run_reader before accept, or twice"
         self._reader = _READING
+        # On a socket, a drained receive buffer is awaited with wait_readable before receive_some: an idle
+        # connection then waits in one small frame instead of the stream's whole receive call chain.
+        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+        drained = True  # the last read did not fill the buffer: nothing more is likely waiting
         try:
             while True:
                 for event in proto.events():
@@ -197,12 +201,15 @@ class WebSocket:
                         await self._on_close(proto, event)
                         return
                 try:
+                    if drained and sock is not None and sock.fileno() >= 0:  # closed: receive_some says so
+                        await trio.lowlevel.wait_readable(sock)
                     data = await self._stream.receive_some(self._receive_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
                     self._set_closed(ABNORMAL)
                     return
+                drained = len(data) < self._receive_size
                 proto.receive_data(data if isinstance(data, bytes) else bytes(data))
         except ConnectionClosed:  # a write failed: the connection is gone
             pass
