@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import trio
-from psycopg.conninfo import conninfo_to_dict
 
 from . import __version__
 from .admin_cli import add_admin_parser
@@ -24,8 +23,6 @@ from .errors import ConfigError, IdentityError, PocketBridgeError, StartupError,
 from .identity import load_identity, write_new_identity
 from .logs import setup_logging
 from .protocol.handshake import ServerIdentity
-from .store.postgres import migrate
-from .transfer import transfer
 
 log = logging.getLogger("pocketbridge")
 
@@ -94,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _describe_storage(config: Config) -> str:
     if config.storage.backend == "sqlite":
         return f"SQLite {config.sqlite_path()}"
+    from psycopg.conninfo import conninfo_to_dict  # only where used: the embedded daemon never loads psycopg
+
     info = conninfo_to_dict(config.storage.dsn)  # never the password
     return f"PostgreSQL {info.get('host', 'local socket')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
@@ -129,6 +128,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     config = _load(args)
     if not config.storage.dsn:
         raise PocketBridgeError("set the target: [storage] dsn (PB_STORAGE_DSN), then run `pocketbridge migrate` first")
+    from .transfer import transfer  # imports psycopg: only where used
+
     report = transfer(Path(args.from_sqlite), config.storage.dsn, force=args.force,
                       progress=lambda text: print(text, flush=True))
     total = ", ".join(f"{table} {count}" for table, count in report.counts.items())
@@ -180,6 +181,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if config.storage.backend != "postgres":
         print("nothing to migrate: [storage] backend is sqlite (the embedded store migrates itself at start)")
         return 0
+    from .store.postgres import migrate  # PostgreSQL's driver loads only where it is used (an embedded daemon's memory)
+
     try:
         before, after = migrate(config.storage.dsn)
     except Exception as exc:  # psycopg errors: a clear line, never a traceback

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from .names import DEFAULT_DSN, DEFAULT_REDIS_URL, MORE, SCENARIOS, SOAK
-from .runner import main
 
 
 def _positive(kind: type) -> Any:
@@ -122,6 +121,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
 
     def run(args: argparse.Namespace) -> int:
+        from .runner import main  # the runner imports psycopg and redis: not for `pocketbridge serve`
+
         return main(args)
 
     p.set_defaults(func=run)

@@ -62,6 +62,7 @@ async def test_a_handshaken_idle_connection_runs_two_tasks(tmp_path: Path) -> No
 
 SCRIPT = textwrap.dedent("""
     import sys, trio
+    import pocketbridge.cli  # what `pocketbridge serve` imports
     from pocketbridge.client import DeviceKey, connect, new_device_id
     from tests.conftest import make_config, run_daemon
 
@@ -78,7 +79,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_the_embedded_default_loads_no_postgres_redis_or_tracing(tmp_path: Path) -> None:
     """A daemon on the embedded default, with a session served, has not imported psycopg, redis or
-    OpenTelemetry (each is imported only where it is configured)."""
+    OpenTelemetry (each is imported only where it is configured), the command line included."""
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "data")],
