@@ -168,7 +168,11 @@ class BatchWriter:
         wait); StoreUnavailable at once while the breaker is open."""
         self._breaker.check()
         self.queued += 1
-        await self._send.send(Pending(op, then))
+        try:
+            await self._send.send(Pending(op, then))
+        except BaseException:  # given up while waiting for room (its connection closed): never queued
+            self.queued -= 1
+            raise
 
     def note_cursor(self, device_id: str, user_id: str, cursor: int) -> None:
         known = self._cursors.get(device_id)
