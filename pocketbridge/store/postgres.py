@@ -533,17 +533,19 @@ class PostgresStore(BatchedWrites):
     def _apply_batch(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         """The batch as one transaction, tried again once if PostgreSQL picked it as a deadlock
         victim (it was rolled back whole, so repeating it is safe)."""
-        for _ in range(len(batch)):  # each redo stops at least one more chain: it ends
+        deadlocked = False
+        # each ChainEnded stops at least one more of the batch's events (never tried again): it ends
+        for _ in range(len(batch) + 2):
             try:
                 return self._apply_batch_once(batch, now_ms)
             except ChainEnded:
                 continue  # an event ended its chain, and a later one of the chain was stored: without it
             except StoreUnavailable as exc:
-                if not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected):
+                if deadlocked or not isinstance(exc.__cause__, psycopg.errors.DeadlockDetected):
                     raise
+                deadlocked = True
                 log.warning("store batch was a deadlock victim; retrying it once")
-                return self._apply_batch_once(batch, now_ms)
-        return self._apply_batch_once(batch, now_ms)
+        raise StoreUnavailable("store batch redone too often")
 
     def _apply_batch_once(self, batch: Sequence[Pending[Any]], now_ms: int) -> list[StoredEvent]:
         """One transaction. Events (and the coalesced updates, which read nothing back) are

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -62,3 +63,39 @@ def test_postgres_errors(error: Exception, expected: type[Exception]) -> None:
 def test_a_read_maps_only_unavailability() -> None:
     with pytest.raises(psycopg.DataError), map_errors("PostgreSQL unavailable", UNAVAILABLE):
         raise psycopg.errors.NumericValueOutOfRange("out of range")
+
+
+class ScriptedBatch:
+    """``PostgresStore._apply_batch`` around a scripted ``_apply_batch_once``: each attempt raises the next
+    exception of ``script`` (None: the batch commits)."""
+
+    def __init__(self, *script: BaseException | None) -> None:
+        self.script = list(script)
+        self.attempts = 0
+
+    def _apply_batch_once(self, batch: object, now_ms: int) -> list[object]:
+        self.attempts += 1
+        failure = self.script.pop(0)
+        if failure is not None:
+            raise failure
+        return []
+
+
+def deadlock_victim() -> StoreUnavailable:
+    with pytest.raises(StoreUnavailable) as caught, map_errors("commit failed"):
+        raise psycopg.errors.DeadlockDetected("deadlock detected")
+    return caught.value
+
+
+def test_a_batch_redone_after_a_deadlock_may_still_end_a_chain() -> None:
+    """A deadlock victim is tried again once; that attempt may find a connection's chain ended inside the
+    batch (ChainEnded): the batch is redone without its later events, not failed."""
+    from pocketbridge.store.postgres import ChainEnded, PostgresStore
+
+    scripted = ScriptedBatch(deadlock_victim(), ChainEnded(), None)
+    batch: Any = [object(), object()]
+    assert PostgresStore._apply_batch(scripted, batch, 0) == []  # type: ignore[arg-type]
+    assert scripted.attempts == 3
+    again = ScriptedBatch(ChainEnded(), deadlock_victim(), deadlock_victim())
+    with pytest.raises(StoreUnavailable):  # a second deadlock fails the batch
+        PostgresStore._apply_batch(again, batch, 0)  # type: ignore[arg-type]
