@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -87,6 +88,7 @@ class Connection:
     __slots__ = (
         "ws", "peer", "id", "outbox", "close_reason", "closed_by_peer", "overflowed", "_final", "_deferred", "busy",
         "_scope", "_close_timeout", "_nursery", "_writer_active", "_writer_scope", "_writer_stopped", "_writer_done",
+        "on_close",
     )
 
     def __init__(
@@ -119,6 +121,7 @@ class Connection:
         self._writer_done: trio.Event | None = None  # made by _stop_writer, set when the writer has returned
         self._scope: trio.CancelScope | None = None
         self._close_timeout = close_timeout
+        self.on_close: Callable[[], None] | None = None  # called as the connection starts closing (any task)
 
     @property
     def short_id(self) -> str:
@@ -156,17 +159,25 @@ class Connection:
                 self._deferred = True
                 return
         self._deferred = False
-        if self._scope is not None:
-            self._scope.cancel()
+        self._cancel()
+
+    @property
+    def close_deferred(self) -> bool:
+        """A close waits for the message being processed (``after_current``): nothing read now is taken."""
+        return self._deferred
 
     def close_if_deferred(self) -> None:
         if self._deferred:
             self._deferred = False
-            if self._scope is not None:
-                self._scope.cancel()
+            self._cancel()
 
     def peer_closed(self) -> None:
         self.closed_by_peer = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self.on_close is not None:
+            self.on_close()
         if self._scope is not None:
             self._scope.cancel()
 

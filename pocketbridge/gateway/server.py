@@ -205,6 +205,13 @@ async def serve_websocket(
                 log.info("connection %s: session established for device %s", conn.short_id, session.short)
                 while True:
                     message = parse_frame(await ws.get_message())
+                    if conn.close_deferred:
+                        # a drain asked to close while earlier events await their commit: what the client
+                        # sent since is not taken; their acks go out, then the connection closes
+                        await session.settled()
+                        conn.busy = False
+                        conn.close_if_deferred()
+                        continue
                     conn.busy = True
                     await session.handle(message)
                     if not session.awaiting_commits:  # else the last ack's commit ends the drain (Session)

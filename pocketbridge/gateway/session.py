@@ -297,6 +297,10 @@ class Session:
         """Events of this session wait for their commit (their acks are still to go out)."""
         return bool(self._acks)
 
+    async def settled(self) -> None:
+        """Until every event read so far is answered (StoreUnavailable after ``[storage] op_timeout``)."""
+        await self._wait_acks(below=1)
+
     async def handle(self, msg: Message) -> None:
         self._handling = True
         try:
@@ -349,11 +353,11 @@ class Session:
         )
         if isinstance(verdict, ErrorFrame):
             gw.metrics.events.labels("rejected").inc()
-            self._answer_in_turn(Send(encode(verdict.frame())))
+            await self._answer_in_turn(Send(encode(verdict.frame())))
             return
         if isinstance(verdict, Rejection):
             gw.metrics.events.labels("rejected").inc()
-            self._answer_in_turn(Send(encode(verdict.ack())))
+            await self._answer_in_turn(Send(encode(verdict.ack())))
             return
         await self._store_event(verdict)
 
@@ -362,6 +366,8 @@ class Session:
         follow it into the writer (up to EVENTS_IN_FLIGHT); the acks go out in order (:meth:`_stored`)."""
         if self._acks is None or self._chain is None:
             self._acks, self._chain = AckQueue(EVENTS_IN_FLIGHT), Chain()
+            # however the connection closes (from any task), none of its events not yet tried commits
+            self.conn.on_close = self._chain.stop
         await self._wait_acks(below=self._acks.depth)
         entry = self._acks.push(trio.current_time())
         ingest = open_span("event.ingest", payload_size=event.payload_size)  # ended by _stored (None: off)
@@ -369,6 +375,9 @@ class Session:
             try:
                 await self.gw.store.start_append(event, self._chain, partial(self._stored, entry, event, ingest))
             except StoreUnavailable:
+                # refused at once (breaker open): the connection closes once the earlier events are answered,
+                # and none of its events after this one commits meanwhile, even if the store takes writes again
+                self._chain.stop(self._chain.last)
                 self._settle(entry, Disconnect(TRY_AGAIN))
                 if ingest is not None:
                     ingest.end()
@@ -405,8 +414,11 @@ class Session:
             self._perform(due)
         self._answered()
 
-    def _answer_in_turn(self, answer: Answer) -> None:
-        """An answer known at once goes out after those of the events before it."""
+    async def _answer_in_turn(self, answer: Answer) -> None:
+        """An answer known at once goes out after those of the events before it (waiting, like an event,
+        while the queue is full)."""
+        if self._acks:
+            await self._wait_acks(below=self._acks.depth)
         if self._acks:
             self._acks.push(trio.current_time(), answer)
         else:
