@@ -22,6 +22,7 @@ from .errors import ConfigError
 _NOOP = contextlib.nullcontext()
 _tracer: Any = None
 _propagator: Any = None  # W3C trace context only (no baggage): set while tracing is on
+_use_span: Any = None  # opentelemetry.trace.use_span, set while tracing is on
 
 
 def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
@@ -42,9 +43,7 @@ def within(opened: Any) -> contextlib.AbstractContextManager[Any]:
     """``opened`` (from :func:`open_span`) as the current span, without ending it."""
     if opened is None:
         return _NOOP
-    from opentelemetry.trace import use_span
-
-    return use_span(opened, end_on_exit=False)
+    return _use_span(opened, end_on_exit=False)
 
 
 def span_under(carrier: dict[str, str] | None, name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]:
@@ -74,7 +73,7 @@ def _span(name: str, attributes: dict[str, Any], parent: Any = None) -> Iterator
 def setup_tracing(config: Config, exporter: Any = None) -> Any:
     """Start tracing as configured (or with the given span exporter, e.g. an in-memory one in tests);
     returns the provider (call ``shutdown()`` on it to flush), or None when tracing is off."""
-    global _tracer, _propagator
+    global _tracer, _propagator, _use_span
     if exporter is None and config.tracing.exporter == "none":
         _tracer = None
         return None
@@ -86,6 +85,7 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
             ConsoleSpanExporter,
             SimpleSpanProcessor,
         )
+        from opentelemetry.trace import use_span
         from opentelemetry.trace.propagation.tracecontext import (
             TraceContextTextMapPropagator,
         )
@@ -105,6 +105,7 @@ def setup_tracing(config: Config, exporter: Any = None) -> Any:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=config.tracing.endpoint)))
     _propagator = TraceContextTextMapPropagator()
+    _use_span = use_span
     _tracer = provider.get_tracer("pocketbridge")
     return provider
 

@@ -213,7 +213,7 @@ class Session:
         elif isinstance(out, Count):
             getattr(self.gw.metrics, out.metric).inc(out.amount)
         elif isinstance(out, Disconnect):
-            self._close(out.reason)
+            self.conn.close(out.reason)
         elif out is PING:
             self.conn.send_ping()
         elif out is NOTE_SEEN:
@@ -252,7 +252,7 @@ class Session:
             self._perform(out)
         since = self._acks.oldest() if self._acks is not None else None
         if since is not None and now - since > cfg.storage.op_timeout:
-            self._close(TRY_AGAIN)  # the store did not answer in time (as a waiting write would time out)
+            self.conn.close(TRY_AGAIN)  # the store did not answer in time (as a waiting write would time out)
 
     def on_bus(self, message: BusMessage) -> None:
         if message.user_id != self.user_id:
@@ -339,7 +339,7 @@ class Session:
             gw.metrics.rate_limited.labels("events_per_user").inc()
             audit(gw, "rate_limited", actor=self.device_id, target=self.user_id, peer=self.conn.peer,
                   detail="events_per_user")
-            self._close(TOO_MANY_EVENTS)
+            self.conn.close(TOO_MANY_EVENTS)
             return
         cfg = gw.config
         verdict = validate_event(
@@ -441,12 +441,6 @@ class Session:
                 await self._room.wait()
             return
         raise StoreUnavailable("events waited too long for their commit")
-
-    def _close(self, reason: Close) -> None:
-        """Close the connection; none of its events not yet tried will commit."""
-        if self._chain is not None:
-            self._chain.stop()
-        self.conn.close(reason)
 
     async def handle_replay(self, msg: Message) -> None:
         """§6: the core decides; its store queries are awaited here, so the reply goes out before the

@@ -102,8 +102,9 @@ class Pending(Generic[R]):
     def __init__(self, op: WriteOp[R], then: Callable[[Pending[R]], None] | None = None) -> None:
         self.op = op
         self.error: BaseException | None = None
-        self.done = trio.Event()
-        self.then = then  # called after the batch instead of a waiting caller (see BatchWriter.enqueue)
+        # a waiting caller's event, or ``then``: called after the batch instead (see BatchWriter.enqueue)
+        self.done = trio.Event() if then is None else None
+        self.then = then
         self.trace = trace_context()  # the submitter's span (None while tracing is off)
 
 
@@ -149,14 +150,16 @@ class BatchWriter:
         """Queue one operation and wait for its commit; StoreUnavailable after ``op_timeout``."""
         self._breaker.check()
         pending = Pending(op)
+        done = pending.done
+        assert done is not None
         self.queued += 1
         try:
             with trio.move_on_after(self._op_timeout):
                 await self._send.send(pending)
-                await pending.done.wait()
+                await done.wait()
         finally:
             self.queued -= 1
-        if not pending.done.is_set():
+        if not done.is_set():
             raise StoreUnavailable("store write timed out")
         if pending.error is not None:
             raise pending.error
@@ -276,8 +279,10 @@ class BatchWriter:
                 # Fan-out is the fast path only: receivers find the events by replay or gap fill.
                 log.exception("commit hook failed for %d events", len(stored))
         for pending in batch:
-            pending.done.set()
-            if pending.then is not None:
+            if pending.done is not None:
+                pending.done.set()
+            else:
+                assert pending.then is not None
                 self.queued -= 1
                 try:
                     pending.then(pending)
