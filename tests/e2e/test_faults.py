@@ -14,6 +14,8 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,24 @@ class PrivateRedis:
             self.proc = None
 
 
+@asynccontextmanager
+async def instances_on_private_redis(
+    tmp_path: Path, postgres_dsn: str, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[PrivateRedis, Callable[[str], Config]]]:
+    """A Redis of the test's own (started here, killed at the end, and in between whenever the test says)
+    and ``config(name)``: the configuration of an instance on it and on PostgreSQL, with ``sections`` added;
+    every instance shares one identity key."""
+    redis = PrivateRedis(free_port(), tmp_path)
+    identity = tmp_path / "identity.key"
+    write_new_identity(identity)
+    await redis.start()
+    base = {"storage": {"backend": "postgres", "dsn": postgres_dsn}, "bus": {"backend": "redis", "url": redis.url}}
+    try:
+        yield redis, lambda name: daemon_config(tmp_path / name, identity, **base, **sections)
+    finally:
+        await redis.kill()
+
+
 async def wait_status(http: httpx.AsyncClient, url: str, status: int, timeout: float) -> httpx.Response:
     """Poll ``url`` until it answers ``status`` (bounded); returns that response."""
     last: Any = None
@@ -156,17 +176,8 @@ async def test_redis_down_relay_continues_through_the_store_and_recovers(
     """Kill the bus between two instances: B (instance 2) still gets A's (instance 1) events exactly once,
     through the store catch-up; readiness is 503 meanwhile. Restart Redis on the same port: the instances
     resubscribe, readiness is 200 again, and relay is fast again. Nothing is lost or delivered twice."""
-    redis = PrivateRedis(free_port(), tmp_path)
-    identity = tmp_path / "identity.key"
-    write_new_identity(identity)
-    await redis.start()
-    try:
-        sections = {
-            "storage": {"backend": "postgres", "dsn": postgres_dsn},
-            "bus": {"backend": "redis", "url": redis.url},
-        }
-        cfg1 = daemon_config(tmp_path / "d1", identity, **sections)
-        cfg2 = daemon_config(tmp_path / "d2", identity, **sections)
+    async with instances_on_private_redis(tmp_path, postgres_dsn) as (redis, config):
+        cfg1, cfg2 = config("d1"), config("d2")
         key = DeviceKey.generate()
         dev_a, dev_b = new_device_id(), new_device_id()
         sent: list[str] = []
@@ -234,8 +245,6 @@ async def test_redis_down_relay_continues_through_the_store_and_recovers(
             # and the store holds each of them once
             counts = await trio.to_thread.run_sync(stored_event_ids, postgres_dsn, key.public_hex)
             assert counts == {event_id: 1 for event_id in sent}
-    finally:
-        await redis.kill()
 
 
 # --- PostgreSQL unreachable ----------------------------------------------------------------------------

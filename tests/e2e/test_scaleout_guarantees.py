@@ -12,10 +12,9 @@ import pytest
 import trio
 
 from pocketbridge.client import Closed, DeviceKey, connect, new_device_id
-from pocketbridge.identity import write_new_identity
 from tests.conftest import run_daemon
 from tests.e2e.httpclient import http_client, signed
-from tests.e2e.test_faults import PrivateRedis, daemon_config, free_port
+from tests.e2e.test_faults import instances_on_private_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 BOUND = 5.0  # seconds: a session the store says is over is closed on every instance within this
@@ -31,14 +30,8 @@ async def closed_within(client: object, seconds: float) -> tuple[int | None, str
 
 
 async def test_revocation_deletion_and_takeover_hold_with_the_bus_down(tmp_path: Path, postgres_dsn: str) -> None:
-    redis = PrivateRedis(free_port(), tmp_path)
-    identity = tmp_path / "identity.key"
-    write_new_identity(identity)
-    await redis.start()
-    try:
-        sections = {"storage": {"backend": "postgres", "dsn": postgres_dsn}, "bus": {"backend": "redis", "url": redis.url}}
-        one_cfg = daemon_config(tmp_path / "one", identity, **sections)
-        two_cfg = daemon_config(tmp_path / "two", identity, **sections)
+    async with instances_on_private_redis(tmp_path, postgres_dsn) as (redis, config):
+        one_cfg, two_cfg = config("one"), config("two")
         alice, bob, carol = DeviceKey.generate(), DeviceKey.generate(), DeviceKey.generate()
         laptop, phone, bobs, carols = new_device_id(), new_device_id(), new_device_id(), new_device_id()
         with trio.fail_after(90):
@@ -66,8 +59,6 @@ async def test_revocation_deletion_and_takeover_hold_with_the_bus_down(tmp_path:
 
                     async with connect(one.ws_url, carol, carols):  # the same device again, elsewhere
                         assert await closed_within(c, BOUND) == (1000, "New connection established for this device")
-    finally:
-        await redis.kill()
 
 
 async def test_account_deletion_fences_sessions_on_other_instances(tmp_path: Path, postgres_dsn: str) -> None:
@@ -76,14 +67,8 @@ async def test_account_deletion_fences_sessions_on_other_instances(tmp_path: Pat
     after the deletion began (refused: its user is deleting), is closed within the bound, and once the
     DELETE returns nothing of the account is left, whatever that session still sent."""
 
-    redis = PrivateRedis(free_port(), tmp_path)
-    identity = tmp_path / "identity.key"
-    write_new_identity(identity)
-    await redis.start()
-    try:
-        sections = {"storage": {"backend": "postgres", "dsn": postgres_dsn}, "bus": {"backend": "redis", "url": redis.url}}
-        one_cfg = daemon_config(tmp_path / "one", identity, **sections)
-        two_cfg = daemon_config(tmp_path / "two", identity, **sections)
+    async with instances_on_private_redis(tmp_path, postgres_dsn) as (redis, config):
+        one_cfg, two_cfg = config("one"), config("two")
         bob = DeviceKey.generate()
         laptop, phone = new_device_id(), new_device_id()
         acked: list[int] = []
@@ -119,5 +104,3 @@ async def test_account_deletion_fences_sessions_on_other_instances(tmp_path: Pat
                 (bob.public_hex, bob.public_hex, bob.public_hex),
             ).fetchone()
         assert left == (0, 0, 0), left
-    finally:
-        await redis.kill()

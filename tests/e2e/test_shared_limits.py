@@ -17,10 +17,9 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from pocketbridge.app import Running
 from pocketbridge.client import DeviceKey, new_device_id
-from pocketbridge.identity import write_new_identity
 from tests.conftest import run_daemon
 from tests.e2e.rawclient import TIMEOUT, RawHandshake
-from tests.e2e.test_faults import PrivateRedis, daemon_config, free_port
+from tests.e2e.test_faults import instances_on_private_redis
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -68,22 +67,15 @@ async def wait_gauge(running: Running, value: float) -> None:
 async def test_two_instances_share_one_address_budget_and_fall_back_while_redis_is_down(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
-    redis = PrivateRedis(free_port(), tmp_path)
-    identity = tmp_path / "identity.key"
-    write_new_identity(identity)
-    await redis.start()
-    try:
-        sections = {
-            "storage": {"backend": "postgres", "dsn": postgres_dsn},
-            "bus": {"backend": "redis", "url": redis.url},
-            "server": {"trusted_proxies": ["127.0.0.1"]},
-            "limits": {"ws_connects_per_ip_per_minute": LIMIT},
-        }
+    limits = {"ws_connects_per_ip_per_minute": LIMIT}
+    async with instances_on_private_redis(
+        tmp_path, postgres_dsn, server={"trusted_proxies": ["127.0.0.1"]}, limits=limits
+    ) as (redis, config):
         key = DeviceKey.generate()
         with trio.fail_after(120):
             async with (
-                run_daemon(daemon_config(tmp_path / "one", identity, **sections)) as (_, one),
-                run_daemon(daemon_config(tmp_path / "two", identity, **sections)) as (_, two),
+                run_daemon(config("one")) as (_, one),
+                run_daemon(config("two")) as (_, two),
             ):
                 await wait_gauge(one, 1)
                 await wait_gauge(two, 1)
@@ -114,5 +106,3 @@ async def test_two_instances_share_one_address_budget_and_fall_back_while_redis_
                 assert [await attempt(two, key, address) for _ in range(LIMIT)] == [None] * LIMIT
                 await trio.sleep(SETTLE)
                 assert await attempt(one, key, address) == REFUSED
-    finally:
-        await redis.kill()
