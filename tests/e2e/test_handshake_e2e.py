@@ -583,21 +583,23 @@ async def quick_timeout(config_factory: Callable[..., Config]) -> AsyncIterator[
         await assert_relay_works(running.ws_url)
 
 
+# The timeout counts from the TCP accept (upgrade and handshake together, docs/protocol.md §3.1): measured from
+# before the connect, the close can come no sooner than the whole timeout, however slow the upgrade was.
 async def test_handshake_timeout_silence_after_upgrade(quick_timeout: Running) -> None:
+    start = trio.current_time()
     async with open_ws(quick_timeout.ws_url) as ws:
-        start = trio.current_time()
         await assert_close(ws, *HANDSHAKE_TIMEOUT, timeout=3)
-        assert trio.current_time() - start >= 0.3
+        assert trio.current_time() - start >= 0.45
 
 
 async def test_handshake_timeout_silence_after_server_hello(quick_timeout: Running) -> None:
+    start = trio.current_time()
     async with open_ws(quick_timeout.ws_url) as ws:
-        start = trio.current_time()
         hs = RawHandshake(ws, DeviceKey.generate())
         await hs.hello()
         await hs.read_server_hello()
         await assert_close(ws, *HANDSHAKE_TIMEOUT, timeout=3)
-        assert trio.current_time() - start >= 0.3
+        assert trio.current_time() - start >= 0.45
 
 
 async def test_no_upgrade_request_is_dropped(quick_timeout: Running) -> None:
