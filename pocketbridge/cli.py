@@ -14,7 +14,7 @@ import trio
 
 from . import __version__
 from .admin_cli import add_admin_parser
-from .app import Daemon
+from .app import Daemon, freeze_startup_heap
 from .backup import backup_sqlite, pg_dump_hint
 from .bench.cli import add_bench_parser
 from .client.cli import add_client_parser
@@ -48,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(lambda task_status: daemon.run(handle_signals=True, task_status=task_status))
             started = True
+            freeze_startup_heap()
             key_note = "created" if running.identity_created else "loaded"
             print(
                 f"PocketBridge {__version__}\n"

@@ -5,6 +5,7 @@ Never label by user, device or error text.
 
 from __future__ import annotations
 
+import gc
 import math
 from functools import partial
 from typing import Any
@@ -115,6 +116,13 @@ class Metrics:
             "pocketbridge_trio_tasks", "trio tasks alive in the daemon's event loop, counted at scrape time", registry=r
         )
         self.trio_tasks.set_function(trio_task_count)
+        self.gc_frozen = Gauge(
+            "pocketbridge_gc_frozen_objects",
+            "Objects of the process that the garbage collector no longer scans (`pocketbridge serve` freezes what"
+            " exists once it has started, so full collections stay short)",
+            registry=r,
+        )
+        self.gc_frozen.set_function(lambda: float(gc.get_freeze_count()))
 
     def watch(self, store: Any, bus: Any, version: str, instance: str) -> None:
         """Read the store's and bus's gauges at scrape time."""
