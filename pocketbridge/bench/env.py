@@ -151,6 +151,7 @@ def machine_load(s0: Sample, s1: Sample, replies: list[dict[str, Any]]) -> dict[
     out: dict[str, Any] = {
         "machine_busy_cores": load["busy"],
         "softirq_cores": load["softirq"],
+        "steal_cores": load["steal"],
         "bench_processes_cores": ours_cores,
     }
     databases = 0.0
@@ -159,7 +160,7 @@ def machine_load(s0: Sample, s1: Sample, replies: list[dict[str, Any]]) -> dict[
             cores = max(0.0, (s1.databases[name] - s0.databases[name]) / wall)
             out[f"{name.replace('-', '_')}_cores"] = round(cores, 2)
             databases += cores
-    out["other_cores"] = round(max(0.0, load["busy"] - ours_cores - load["softirq"] - databases), 2)
+    out["other_cores"] = round(max(0.0, load["busy"] - ours_cores - load["softirq"] - load["steal"] - databases), 2)
     return out
 
 

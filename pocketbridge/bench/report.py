@@ -27,7 +27,8 @@ def load_text(load: dict[str, Any]) -> str:
         databases = f" + PostgreSQL {load['postgres_cores']:.2f} + Redis {load['redis_server_cores']:.2f}"
     return (
         f"machine: {load['machine_busy_cores']:.2f} cores busy = daemon+workers {load['bench_processes_cores']:.2f}"
-        f"{databases} + softirq {load['softirq_cores']:.2f} + other processes {load['other_cores']:.2f}"
+        f"{databases} + softirq {load['softirq_cores']:.2f} + steal {load.get('steal_cores', 0.0):.2f}"
+        f" + other processes {load['other_cores']:.2f}"
     )
 
 

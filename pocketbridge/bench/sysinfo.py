@@ -71,23 +71,34 @@ def cpu_seconds(pid: int) -> float | None:
     return (utime + stime) / _CLK_TCK
 
 
-def machine_jiffies() -> tuple[int, int, int] | None:
-    """(all, idle + iowait, softirq) jiffies summed over every CPU, from the first line of /proc/stat."""
-    text = _read("/proc/stat")
+def machine_jiffies() -> tuple[int, int, int, int] | None:
+    """(all, idle + iowait, softirq, steal) jiffies summed over every CPU, from the first line of /proc/stat."""
+    return parse_proc_stat(_read("/proc/stat"))
+
+
+def parse_proc_stat(text: str | None) -> tuple[int, int, int, int] | None:
     if not text:
         return None
     values = [int(v) for v in text.splitlines()[0].split()[1:]] + [0] * 10
     guest = values[8] + values[9]  # guest time is already counted in user/nice
-    return sum(values) - guest, values[3] + values[4], values[6]
+    return sum(values) - guest, values[3] + values[4], values[6], values[7]
 
 
-def busy_cores(before: tuple[int, int, int] | None, after: tuple[int, int, int] | None) -> dict[str, float] | None:
-    """Cores' worth of CPU the whole machine used (and of it, softirq) between two machine_jiffies() readings."""
+def busy_cores(
+    before: tuple[int, int, int, int] | None, after: tuple[int, int, int, int] | None
+) -> dict[str, float] | None:
+    """Cores' worth of CPU the whole machine used between two machine_jiffies() readings, and of it softirq and
+    steal: time this virtual machine was ready to run but its host ran something else (a noisy host slows every
+    figure of a run without any process here using more CPU)."""
     if before is None or after is None or after[0] <= before[0]:
         return None
-    total, idle, softirq = (a - b for a, b in zip(after, before, strict=True))
+    total, idle, softirq, steal = (a - b for a, b in zip(after, before, strict=True))
     cores = os.cpu_count() or 1
-    return {"busy": round((total - idle) / total * cores, 2), "softirq": round(softirq / total * cores, 2)}
+    return {
+        "busy": round((total - idle) / total * cores, 2),
+        "softirq": round(softirq / total * cores, 2),
+        "steal": round(steal / total * cores, 2),
+    }
 
 
 def cpu_by_command(names: tuple[str, ...]) -> dict[str, float] | None:

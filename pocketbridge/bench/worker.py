@@ -13,6 +13,7 @@ send time (8 bytes, time.time_ns, the *scheduled* time in open loop) ‖ padding
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -311,6 +312,9 @@ class Worker:
         for rig in self.rigs:
             rig.up = UserPhase(len(rig.receivers))
             rig.phase = phase
+        # the generator's own full collections (~15 ms of its imports and clients) would count as the daemon's latency
+        gc.collect()
+        gc.freeze()
         await sleep_until_wall(float(cmd["start_at"]))
         cpu0 = own_cpu()
         start_ns = time.time_ns()
