@@ -629,7 +629,8 @@ async def test_established_session_outlives_handshake_timeout(quick_timeout: Run
 
 async def test_handshake_timeout_counts_from_upgrade(config_factory: Callable[..., Config],
                                                      mock_clock: MockClock) -> None:
-    """The timeout runs from the upgrade, not per step: a hello at 0.6 s does not extend a 1 s limit."""
+    """The timeout runs from the connection (its accept, §3.1), not per step: a hello at 0.6 s does not extend
+    a 1 s limit."""
     mock_clock.autojump_threshold = 0.2  # only when everything is idle; bounds every wait in real time
     config = e2e_config(config_factory, ws={"handshake_timeout": 1.0})
     async with run_daemon(config) as (_, running), open_ws(running.ws_url) as ws:
