@@ -381,6 +381,11 @@ class Session:
                 self._settle(entry, Disconnect(TRY_AGAIN))
                 if ingest is not None:
                     ingest.end()
+            except BaseException:  # given up while waiting for room in the writer (the connection closed)
+                if ingest is not None:
+                    ingest.set_attribute("outcome", "abandoned")
+                    ingest.end()
+                raise
 
     def _stored(
         self, entry: Entry, event: NewEvent, ingest: Any, result: EventResult | None, error: BaseException | None

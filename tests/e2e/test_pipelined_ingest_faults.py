@@ -144,3 +144,38 @@ async def test_a_close_from_another_task_stops_the_chain_at_once(config_factory:
         conn.close(REPLACED)
         assert not session._chain.runs(1)  # at once: no checkpoint has passed
         conn.close(SHUTTING_DOWN, after_current=True)  # a drain of a closed connection changes nothing
+
+
+async def test_an_event_given_up_while_the_writer_queue_is_full_ends_its_span(
+    config_factory: Callable[..., Config],
+) -> None:
+    """With tracing on, every event taken ends its ``event.ingest`` span, also one whose connection closed while
+    it waited for room in the writer's queue (it never reached the writer, so no commit would end it)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from pocketbridge.tracing import setup_tracing, stop_tracing
+
+    config = config_factory(storage={"batch_size": 1})  # the writer's queue holds 4
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing(config, exporter=exporter)
+    try:
+        async with held_writer(config) as (daemon, running, hold):
+            async with established(running.ws_url) as (ws, hs):
+                await hold.engage()
+                for seq in range(1, 7):  # 4 fill the queue, the 5th waits for room, the 6th is not read yet
+                    await send(ws, {"type": "event", "payload": event_body(hs.key.public_hex, hs.device_id, seq)})
+                await trio.sleep(SETTLE)
+                (conn,) = daemon.gateway.connections
+                conn.close(REPLACED)  # e.g. a newer connection of the device: cancelled while the 5th waits
+                await trio.sleep(SETTLE)
+            hold.release()
+            with trio.fail_after(5):
+                while daemon.gateway.connections:  # noqa: ASYNC110 (nothing to wait on)
+                    await trio.sleep(0.05)
+                while len([s for s in exporter.get_finished_spans() if s.name == "event.ingest"]) < 5:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+    finally:
+        stop_tracing(provider)
+    ingests = [s for s in exporter.get_finished_spans() if s.name == "event.ingest"]
+    assert len(ingests) == 5  # the 6th was never read
+    assert [str(s.attributes.get("outcome")) for s in ingests].count("abandoned") == 5  # nothing after the close commits
