@@ -164,7 +164,12 @@ async def test_an_event_given_up_while_the_writer_queue_is_full_ends_its_span(
                 await hold.engage()
                 for seq in range(1, 7):  # 4 fill the queue, the 5th waits for room, the 6th is not read yet
                     await send(ws, {"type": "event", "payload": event_body(hs.key.public_hex, hs.device_id, seq)})
-                await trio.sleep(SETTLE)
+                writer = daemon.gateway.store._writer
+                with trio.fail_after(5):  # the held probe, 4 events in the queue and the 5th waiting for room
+                    while writer.queued < 6:  # noqa: ASYNC110 (a gauge: nothing to wait on)
+                        await trio.sleep(0.01)
+                await trio.sleep(SETTLE)  # (nothing more is taken meanwhile)
+                assert writer.queued == 6
                 (conn,) = daemon.gateway.connections
                 conn.close(REPLACED)  # e.g. a newer connection of the device: cancelled while the 5th waits
                 await trio.sleep(SETTLE)
