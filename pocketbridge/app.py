@@ -72,7 +72,6 @@ RELOADABLE = ("ws", "session", "events", "limits", "replay", "pairing", "retenti
 RESTART_KEYS = (("http", "max_body_bytes"), ("log", "format"))  # inside reloadable sections, but fixed at start
 
 
-
 def freeze_startup_heap() -> int:
     """Move every object alive now (once the daemon has started: the libraries, the configuration, the app) out
     of the garbage collector's sight, and return how many there are.
@@ -84,6 +83,7 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
 
 class Daemon:
     """The daemon. ``services`` (store, bus, upkeep) outlive ``front`` (listeners, connections),
