@@ -131,10 +131,16 @@ def event_body(user_id: str | None, device_id: str, device_seq: Any, /, **overri
     return apply_overrides(body, overrides)
 
 
-async def send_valid_event(ws: Socket, hs: RawHandshake, device_seq: int) -> None:
-    """Send a valid event and check that the very next message is its ``stored`` ack."""
+async def send_event(ws: Socket, hs: RawHandshake, device_seq: Any) -> dict[str, Any]:
+    """Send an event of the handshaken device (valid unless ``device_seq`` is not); returns its body."""
     body = event_body(hs.key.public_hex, hs.device_id, device_seq)
     await send(ws, {"type": "event", "payload": body})
+    return body
+
+
+async def send_valid_event(ws: Socket, hs: RawHandshake, device_seq: int) -> None:
+    """Send a valid event and check that the very next message is its ``stored`` ack."""
+    body = await send_event(ws, hs, device_seq)
     msg = await recv_json(ws)
     assert msg == {
         "type": "ack",

@@ -17,7 +17,7 @@ from pocketbridge.errors import REPLACED, SHUTTING_DOWN, TRY_AGAIN
 from pocketbridge.gateway.session import EVENTS_IN_FLIGHT
 from pocketbridge.store.ops import ProbeOp
 from tests.conftest import run_daemon
-from tests.e2e.rawclient import established, event_body, expect_close, recv_json, send
+from tests.e2e.rawclient import established, expect_close, recv_json, send, send_event
 
 SETTLE = 0.3  # long enough for the daemon to read what was sent
 
@@ -70,11 +70,10 @@ async def test_a_rejection_behind_a_full_queue_waits_for_room(config_factory: Ca
     """An event refused at once while EVENTS_IN_FLIGHT events wait: its error frame waits for room and goes
     out after their acks (it does not fail the connection)."""
     async with held_writer(config_factory()) as (_, running, hold), established(running.ws_url) as (ws, hs):
-        user, device = hs.key.public_hex, hs.device_id
         await hold.engage()
         for seq in range(1, EVENTS_IN_FLIGHT + 1):
-            await send(ws, {"type": "event", "payload": event_body(user, device, seq)})
-        await send(ws, {"type": "event", "payload": event_body(user, device, 0)})  # invalid: an error frame
+            await send_event(ws, hs, seq)
+        await send_event(ws, hs, 0)  # invalid: an error frame
         await send(ws, {"type": "ping", "payload": {"timestamp": 1}})
         await trio.sleep(SETTLE)
         hold.release()
@@ -91,15 +90,15 @@ async def test_an_event_refused_by_an_open_breaker_ends_the_chain(config_factory
     async with held_writer(config_factory()) as (daemon, running, hold):
         breaker = daemon.gateway.store._writer._breaker
         async with established(running.ws_url, key) as (ws, hs):
-            user, device = hs.key.public_hex, hs.device_id
+            device = hs.device_id
             await hold.engage()
-            await send(ws, {"type": "event", "payload": event_body(user, device, 1)})
+            await send_event(ws, hs, 1)
             await trio.sleep(SETTLE)
             breaker.failed()  # another connection's batch failed
-            await send(ws, {"type": "event", "payload": event_body(user, device, 2)})  # refused at once
+            await send_event(ws, hs, 2)  # refused at once
             await trio.sleep(SETTLE)
             breaker.succeeded()  # the store takes writes again
-            await send(ws, {"type": "event", "payload": event_body(user, device, 3)})
+            await send_event(ws, hs, 3)
             await trio.sleep(SETTLE)
             hold.release()
             assert (await recv_json(ws))["payload"]["device_seq"] == 1
@@ -114,13 +113,13 @@ async def test_a_drain_takes_nothing_read_after_it(config_factory: Callable[...,
     key = DeviceKey.generate()
     async with held_writer(config_factory()) as (daemon, running, hold):
         async with established(running.ws_url, key) as (ws, hs):
-            user, device = hs.key.public_hex, hs.device_id
+            device = hs.device_id
             await hold.engage()
-            await send(ws, {"type": "event", "payload": event_body(user, device, 1)})
+            await send_event(ws, hs, 1)
             await trio.sleep(SETTLE)
             (conn,) = daemon.gateway.connections
             conn.close(SHUTTING_DOWN, after_current=True)
-            await send(ws, {"type": "event", "payload": event_body(user, device, 2)})
+            await send_event(ws, hs, 2)
             await trio.sleep(SETTLE)
             hold.release()
             assert (await recv_json(ws))["payload"]["device_seq"] == 1
@@ -136,7 +135,7 @@ async def test_a_close_from_another_task_stops_the_chain_at_once(config_factory:
     batch first)."""
     async with held_writer(config_factory()) as (daemon, running, hold), established(running.ws_url) as (ws, hs):
         await hold.engage()
-        await send(ws, {"type": "event", "payload": event_body(hs.key.public_hex, hs.device_id, 1)})
+        await send_event(ws, hs, 1)
         await trio.sleep(SETTLE)
         (conn,) = daemon.gateway.connections
         (session,) = [s for s in daemon.gateway.hub.members() if s.conn is conn]
@@ -163,7 +162,7 @@ async def test_an_event_given_up_while_the_writer_queue_is_full_ends_its_span(
             async with established(running.ws_url) as (ws, hs):
                 await hold.engage()
                 for seq in range(1, 7):  # 4 fill the queue, the 5th waits for room, the 6th is not read yet
-                    await send(ws, {"type": "event", "payload": event_body(hs.key.public_hex, hs.device_id, seq)})
+                    await send_event(ws, hs, seq)
                 writer = daemon.gateway.store._writer
                 with trio.fail_after(5):  # the held probe, 4 events in the queue and the 5th waiting for room
                     while writer.queued < 6:  # noqa: ASYNC110 (a gauge: nothing to wait on)
@@ -182,5 +181,5 @@ async def test_an_event_given_up_while_the_writer_queue_is_full_ends_its_span(
     finally:
         stop_tracing(provider)
     ingests = [s for s in exporter.get_finished_spans() if s.name == "event.ingest"]
-    assert len(ingests) == 5  # the 6th was never read
-    assert [str(s.attributes.get("outcome")) for s in ingests].count("abandoned") == 5  # nothing after the close commits
+    # the 6th was never read; nothing after the close commits
+    assert [s.attributes.get("outcome") for s in ingests] == ["abandoned"] * 5
