@@ -39,6 +39,14 @@ def open_span(name: str, **attributes: Any) -> Any:
     return _tracer.start_span(name, attributes=attributes)
 
 
+def end_span(opened: Any, **attributes: Any) -> None:
+    """End ``opened`` (from :func:`open_span`; None while off), with ``attributes`` set first."""
+    if opened is None:
+        return
+    opened.set_attributes(attributes)
+    opened.end()
+
+
 def within(opened: Any) -> contextlib.AbstractContextManager[Any]:
     """``opened`` (from :func:`open_span`) as the current span, without ending it."""
     if opened is None:

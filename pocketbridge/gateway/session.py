@@ -48,7 +48,7 @@ from ..protocol.delivery import (
 from ..protocol.envelope import Message, encode
 from ..protocol.events import ErrorFrame, NewEvent, Rejection, ack_stored, validate_event
 from ..store import Chain, Device, EventResult, Outcome
-from ..tracing import open_span, within
+from ..tracing import end_span, open_span, within
 from .connection import Connection
 from .context import Gateway
 from .pairing import complete_pairing, initiate_pairing
@@ -379,21 +379,16 @@ class Session:
                 # and none of its events after this one commits meanwhile, even if the store takes writes again
                 self._chain.stop(self._chain.last)
                 self._settle(entry, Disconnect(TRY_AGAIN))
-                if ingest is not None:
-                    ingest.end()
+                end_span(ingest, outcome="failed")
             except BaseException:  # given up while waiting for room in the writer (the connection closed)
-                if ingest is not None:
-                    ingest.set_attribute("outcome", "abandoned")
-                    ingest.end()
+                end_span(ingest, outcome="abandoned")
                 raise
 
     def _stored(
         self, entry: Entry, event: NewEvent, ingest: Any, result: EventResult | None, error: BaseException | None
     ) -> None:
         """The store's answer for one event (called by the writer after the batch, in the chain's order)."""
-        if ingest is not None:
-            ingest.set_attribute("outcome", result.outcome.value if result is not None else "failed")
-            ingest.end()
+        end_span(ingest, outcome=result.outcome.value if result is not None else "failed")
         if result is None or error is not None:
             self._settle(entry, Disconnect(TRY_AGAIN))
             return
