@@ -13,6 +13,8 @@ send time (8 bytes, time.time_ns, the *scheduled* time in open loop) ‖ padding
 
 from __future__ import annotations
 
+import base64
+import functools
 import gc
 import json
 import math
@@ -26,7 +28,10 @@ from typing import Any
 
 import trio
 
-from ..client import Client, ClientError, DeviceKey, connect, new_device_id
+from ..client import ClientError, DeviceKey, connect, new_device_id, new_event_id
+from ..protocol.envelope import encode
+from . import lean
+from .lean import LeanClient
 from .sysinfo import cpu_seconds, own_cpu, raise_nofile
 
 STREAM = "clipboard:bench"
@@ -72,10 +77,9 @@ def ms(ns: int) -> float:
 class UserPhase:
     """One user's bookkeeping for one relay phase."""
 
-    __slots__ = ("remaining", "sched", "seen", "sent", "statuses", "stored")
+    __slots__ = ("remaining", "seen", "sent", "statuses", "stored")
 
     def __init__(self, receivers: int) -> None:
-        self.sched: dict[int, int] = {}  # counter -> send (or scheduled) time_ns
         self.remaining: dict[int, int] = {}  # counter -> receivers still missing it
         self.seen: list[set[int]] = [set() for _ in range(receivers)]
         self.stored: set[int] = set()
@@ -110,7 +114,8 @@ class Phase:
 
 
 class UserRig:
-    """One user: a sender device and D-1 receivers (same identity key, distinct device ids).
+    """One user: a sender device and D-1 receivers (same identity key, distinct device ids), on the lean client
+    (:mod:`pocketbridge.bench.lean`): one task per connection, which records each event or ack as it is read.
 
     With several daemon URLs (instances sharing the database and bus), the sender connects to the first and
     receiver ``i`` to URL ``(index + i) % N``: a user's receivers alternate over the instances (so that relay
@@ -122,14 +127,19 @@ class UserRig:
         self.key = DeviceKey.generate()
         self.devices = devices
         self.receiver_instance: list[int] = []
-        self.sender: Client | None = None
-        self.receivers: list[Client] = []
+        self.sender: LeanClient | None = None
+        self.receivers: list[LeanClient] = []
         self.counter = 0
         self.phase: Phase | None = None
         self.up: UserPhase | None = None
         self.ready = trio.Event()
         self.error: str | None = None
         self.receiver_errors: list[str] = []
+        self.inflight: dict[int, tuple[int, int]] = {}  # device_seq -> (counter, send time_ns) awaiting its ack
+        self.on_acked: Callable[[], None] | None = None  # the closed loop's window
+        self.acks_done: trio.Event | None = None  # set when nothing is in flight any more
+        self.sending: trio.CancelScope | None = None  # cancelled when the sender's connection ends
+        self.sender_error: str | None = None
 
     async def run(self, urls: list[str], stop: trio.Event) -> None:
         try:
@@ -138,21 +148,16 @@ class UserRig:
                     for i in range(self.devices - 1):
                         instance = (self.index + i) % len(urls)
                         self.receivers.append(
-                            await stack.enter_async_context(
-                                connect(
-                                    urls[instance], self.key, new_device_id(), ack_event_ids=False, device_type="web"
-                                )
-                            )
+                            await stack.enter_async_context(lean.connect(urls[instance], self.key, new_device_id()))
                         )
                         self.receiver_instance.append(instance)
-                    self.sender = await stack.enter_async_context(
-                        connect(urls[0], self.key, new_device_id(), ack_event_ids=False, device_type="web")
-                    )
+                    self.sender = await stack.enter_async_context(lean.connect(urls[0], self.key, new_device_id()))
                     scope.deadline = math.inf
                     self.ready.set()
                     async with trio.open_nursery() as nursery:
                         for i, client in enumerate(self.receivers):
                             nursery.start_soon(self.receive_loop, i, client)
+                        nursery.start_soon(self.ack_loop, self.sender)
                         await stop.wait()
                         nursery.cancel_scope.cancel()
             if scope.cancelled_caught and not self.ready.is_set():
@@ -162,104 +167,152 @@ class UserRig:
         finally:
             self.ready.set()
 
-    async def receive_loop(self, i: int, client: Client) -> None:
+    # -- receiving ----------------------------------------------------------------------------------------
+    async def receive_loop(self, i: int, client: LeanClient) -> None:
         try:
-            while True:
-                event = await client.receive_event(ack=True)  # acks with device_seq only, as web clients do
-                now = time.time_ns()
-                phase_id, counter, t_ns = HEADER.unpack_from(event.payload)
-                ph, up = self.phase, self.up
-                if ph is None or up is None or phase_id != ph.id:
-                    if ph is not None:
-                        ph.stray += 1
-                    continue
-                seen = up.seen[i]
-                if counter in seen:
-                    ph.duplicates += 1
-                    continue
-                seen.add(counter)
-                ph.deliveries += 1
-                ph.lat_recv.append(ms(now - t_ns))
-                ph.lat_recv_by_instance[self.receiver_instance[i]].append(ms(now - t_ns))
-                left = up.remaining.get(counter)
-                if left is not None:
-                    if left <= 1:
-                        del up.remaining[counter]
-                        ph.settle(1)
-                        ph.delivered_all += 1
-                        ph.lat_all.append(ms(now - t_ns))
-                        ph.last_all_ns = max(ph.last_all_ns, now)
-                    else:
-                        up.remaining[counter] = left - 1
+            await client.ws.run(functools.partial(self.on_receiver_message, i))
         except ClientError as exc:
             self.receiver_errors.append(f"user {self.index} receiver {i}: {describe(exc)}")
 
+    def on_receiver_message(self, i: int, text: str) -> str | None:
+        """A message to receiver ``i``: an event is counted and acked (by device_seq only, as web clients do)."""
+        msg = json.loads(text)
+        if msg.get("type") != "event":
+            return None
+        now = time.time_ns()
+        event = msg["payload"]
+        self.on_event(i, base64.b64decode(event["encrypted_payload"]), now)
+        return encode({"type": "ack", "payload": {"device_seq": event["device_seq"]}})
+
+    def on_event(self, i: int, payload: bytes, now: int) -> None:
+        phase_id, counter, t_ns = HEADER.unpack_from(payload)
+        ph, up = self.phase, self.up
+        if ph is None or up is None or phase_id != ph.id:
+            if ph is not None:
+                ph.stray += 1
+            return
+        seen = up.seen[i]
+        if counter in seen:
+            ph.duplicates += 1
+            return
+        seen.add(counter)
+        ph.deliveries += 1
+        ph.lat_recv.append(ms(now - t_ns))
+        ph.lat_recv_by_instance[self.receiver_instance[i]].append(ms(now - t_ns))
+        left = up.remaining.get(counter)
+        if left is not None:
+            if left <= 1:
+                del up.remaining[counter]
+                ph.settle(1)
+                ph.delivered_all += 1
+                ph.lat_all.append(ms(now - t_ns))
+                ph.last_all_ns = max(ph.last_all_ns, now)
+            else:
+                up.remaining[counter] = left - 1
+
+    async def ack_loop(self, sender: LeanClient) -> None:
+        try:
+            await sender.ws.run(self.on_sender_message)
+        except ClientError as exc:
+            self.sender_error = f"user {self.index} sender: {describe(exc)}"
+            if self.sending is not None:
+                self.sending.cancel()
+
+    def on_sender_message(self, text: str) -> None:
+        """A message to the sender: an ack is counted (the server acks in order)."""
+        msg = json.loads(text)
+        if msg.get("type") != "ack":
+            return
+        now = time.time_ns()
+        ack = msg["payload"]
+        sent = self.inflight.pop(ack.get("device_seq"), None)
+        up, ph = self.up, self.phase
+        if sent is None or up is None or ph is None:
+            return
+        counter, t_ns = sent
+        status = ack.get("status", "stored")
+        up.statuses[status] = up.statuses.get(status, 0) + 1
+        if status == "stored":
+            up.stored.add(counter)
+        elif up.remaining.pop(counter, None):  # never relayed
+            ph.settle(1)
+        ph.lat_ack.append(ms(now - t_ns))
+        ph.last_ack_ns = max(ph.last_ack_ns, now)
+        if self.on_acked is not None:
+            self.on_acked()
+        if not self.inflight and self.acks_done is not None:
+            self.acks_done.set()
+
     # -- sending ------------------------------------------------------------------------------------
-    async def _post(self, t_ns: int, payload_bytes: int) -> tuple[int, Any, int]:
-        assert self.sender is not None and self.up is not None and self.phase is not None
+    async def _post(self, t_ns: int, payload_bytes: int) -> None:
+        sender, up, ph = self.sender, self.up, self.phase
+        assert sender is not None and up is not None and ph is not None
         self.counter += 1
         counter = self.counter
-        up = self.up
-        up.sched[counter] = t_ns
         up.remaining[counter] = len(self.receivers)
         if self.receivers:
-            self.phase.outstanding += 1
+            ph.outstanding += 1
         up.sent += 1
-        seq, _, pending = await self.sender.post_event(
-            STREAM, TYPE, make_payload(self.phase.id, counter, t_ns, payload_bytes)
-        )
-        return seq, pending, counter
+        seq = sender.take_seq()
+        self.inflight[seq] = (counter, t_ns)
+        body = {
+            "event_id": new_event_id(),
+            "user_id": sender.user_id,
+            "device_id": sender.device_id,
+            "device_seq": seq,
+            "stream_id": STREAM,
+            "type": TYPE,
+            "encrypted_payload": base64.b64encode(make_payload(ph.id, counter, t_ns, payload_bytes)).decode(),
+        }
+        await sender.ws.send_message(encode({"type": "event", "payload": body}))
 
-    async def _collect(self, items: trio.MemoryReceiveChannel[Any], release: Callable[[], None] | None) -> None:
-        """Wait for each posted event's ack, in order (the server acks in order)."""
-        assert self.sender is not None and self.up is not None and self.phase is not None
-        up, ph, sender = self.up, self.phase, self.sender
-        async for seq, pending, counter, t_ns in items:
-            ack = await sender.wait_ack(seq, pending)
-            now = time.time_ns()
-            up.statuses[ack.status] = up.statuses.get(ack.status, 0) + 1
-            if ack.status == "stored":
-                up.stored.add(counter)
-            else:
-                if up.remaining.pop(counter, None):  # never relayed
-                    ph.settle(1)
-            ph.lat_ack.append(ms(now - t_ns))
-            ph.last_ack_ns = max(ph.last_ack_ns, now)
-            if release is not None:
-                release()
+    async def _sending(self, send: Callable[[], Awaitable[None]]) -> None:
+        """Run ``send``, then wait for the acks of what is in flight; stopped (and reported) if the sender's
+        connection ends. The caller bounds the whole."""
+        with trio.CancelScope() as self.sending:
+            if self.sender_error is None:
+                await send()
+                if self.inflight:
+                    self.acks_done = trio.Event()
+                    await self.acks_done.wait()
+        self.sending = self.acks_done = None
+        if self.sender_error is not None:
+            raise ClientError(self.sender_error)
 
     async def send_closed(self, end_ns: int, window: int, payload_bytes: int, max_events: int) -> None:
         """As fast as acks allow, ``window`` events in flight, until ``end_ns`` or ``max_events``."""
         sem = trio.Semaphore(window)
-        send, recv = trio.open_memory_channel[Any](window + 1)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._collect, recv, sem.release)
-            async with send:
-                for _ in range(max_events):
-                    await sem.acquire()
-                    t_ns = time.time_ns()
-                    if t_ns >= end_ns:
-                        break
-                    seq, pending, counter = await self._post(t_ns, payload_bytes)
-                    await send.send((seq, pending, counter, t_ns))
+
+        async def send() -> None:
+            for _ in range(max_events):
+                await sem.acquire()
+                t_ns = time.time_ns()
+                if t_ns >= end_ns:
+                    break
+                await self._post(t_ns, payload_bytes)
+
+        self.on_acked = sem.release
+        try:
+            await self._sending(send)
+        finally:
+            self.on_acked = None
 
     async def send_open(self, start_ns: int, end_ns: int, rate: float, offset_ns: int, payload_bytes: int) -> None:
         """On a fixed timetable (``rate`` per second from ``start_ns + offset_ns``), whatever the acks do."""
         interval = 1e9 / rate
         total = max(0, math.ceil((end_ns - start_ns - offset_ns) / interval))
-        send, recv = trio.open_memory_channel[Any](total + 1)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._collect, recv, None)
-            async with send:
-                for i in range(total):
-                    t_ns = start_ns + offset_ns + int(i * interval)
-                    if t_ns >= end_ns:
-                        break
-                    delay = (t_ns - time.time_ns()) / 1e9
-                    if delay > 0:
-                        await trio.sleep(delay)
-                    seq, pending, counter = await self._post(t_ns, payload_bytes)
-                    send.send_nowait((seq, pending, counter, t_ns))
+
+        async def send() -> None:
+            for i in range(total):
+                t_ns = start_ns + offset_ns + int(i * interval)
+                if t_ns >= end_ns:
+                    break
+                delay = (t_ns - time.time_ns()) / 1e9
+                if delay > 0:
+                    await trio.sleep(delay)
+                await self._post(t_ns, payload_bytes)
+
+        await self._sending(send)
 
 
 class Worker:
@@ -509,12 +562,15 @@ class Worker:
         rig.phase, rig.up = Phase(1), UserPhase(0)
         out: dict[str, Any] = {"events": events, "pages": []}
         with trio.fail_after(timeout):
-            async with connect(url, rig.key, new_device_id(), ack_event_ids=False) as sender:
+            async with lean.connect(url, rig.key, new_device_id(), device_type=None) as sender:
                 rig.sender = sender
-                cpu0 = own_cpu()
-                t0 = time.perf_counter()
-                await rig.send_closed(time.time_ns() + int(timeout * 1e9), window, self.payload_bytes, events)
-                store_s = time.perf_counter() - t0
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(rig.ack_loop, sender)
+                    cpu0 = own_cpu()
+                    t0 = time.perf_counter()
+                    await rig.send_closed(time.time_ns() + int(timeout * 1e9), window, self.payload_bytes, events)
+                    store_s = time.perf_counter() - t0
+                    nursery.cancel_scope.cancel()
             stored = rig.up.statuses.get("stored", 0)
             out.update(
                 stored=stored,
