@@ -136,12 +136,23 @@ class Connection:
     def send(self, message: str) -> None:
         if self.closed_by_peer or (self.close_reason is not None and not self._deferred):
             return
+        on_demand = self._nursery is not None and not self._writer_stopped
+        if on_demand and not self._writer_active and not self.outbox and self.ws.write_now(message):
+            # nothing queued or being written: the socket took it at once, no writer task needed (unless the
+            # socket took only part of the frame: the writer sends the rest)
+            if self.ws.has_unsent:
+                self._start_writer()
+            return
         if not self.outbox.put(message):
             self.overflowed = True
             self.close(TRY_AGAIN)
-        elif not self._writer_active and self._nursery is not None and not self._writer_stopped:
-            self._writer_active = True
-            self._nursery.start_soon(self.run_writer)
+        elif on_demand and not self._writer_active:
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        assert self._nursery is not None
+        self._writer_active = True
+        self._nursery.start_soon(self.run_writer)
 
     def send_ping(self) -> None:
         """Queue a protocol ping (the writer turns the empty marker into a ping frame)."""
@@ -193,8 +204,11 @@ class Connection:
                 self._writer_scope = scope
                 on_demand = self._nursery is not None
                 try:
-                    while not self._writer_stopped and (self.outbox or not on_demand):
-                        messages = await self.outbox.get_many(WRITE_BATCH_BYTES)
+                    while not self._writer_stopped and (self.outbox or not on_demand or self.ws.has_unsent):
+                        if self.outbox or not on_demand:
+                            messages = await self.outbox.get_many(WRITE_BATCH_BYTES)
+                        else:  # started for the rest of a frame that write_now began: it goes out alone
+                            messages = []
                         with trio.CancelScope(shield=True):
                             await self.ws.send_many(messages)
                 except ConnectionClosed:

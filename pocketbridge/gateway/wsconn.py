@@ -16,6 +16,7 @@ nothing goes out after a close frame. Only public wsproto API is used (the upgra
 from __future__ import annotations
 
 import contextlib
+import os
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -42,6 +43,18 @@ FRAME_ERRORS = {1007: "Invalid UTF-8 in text frame", 1002: "Protocol error", 100
 
 _NOT_STARTED, _READING, _DONE = 0, 1, 2  # the reader's states
 _OPEN = ConnectionState.OPEN
+
+
+def text_frame(text: str) -> bytes:
+    """One whole text message as a server frame (RFC 6455 §5.2: final, unmasked): the bytes wsproto writes for
+    ``TextMessage(data=text)`` on a connection without extensions (the server never agrees to one)."""
+    data = text.encode("utf-8")
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + data
+    return b"\x81\x7f" + n.to_bytes(8, "big") + data
 
 
 class ConnectionClosed(Exception):
@@ -76,8 +89,8 @@ class WebSocket:
     """
 
     __slots__ = (
-        "_stream", "_handshake", "_proto", "_receive_size", "_writing", "_write_free", "_message", "_wakeup",
-        "_accepting", "_reader", "_reader_done", "_assembling", "_assembling_frames",
+        "_stream", "_sock", "_unsent", "_handshake", "_proto", "_receive_size", "_writing", "_write_free", "_message",
+        "_wakeup", "_accepting", "_reader", "_reader_done", "_assembling", "_assembling_frames",
         "closed", "last_pong", "max_message_bytes", "message_limit", "max_fragments",
     )
 
@@ -91,6 +104,10 @@ class WebSocket:
         receive_size: int = 4096,
     ) -> None:
         self._stream = stream
+        # On a socket the frames are read and written on its file descriptor directly: a read or a write that
+        # does not have to wait costs no trip through the scheduler (trio's stream calls yield twice each).
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._unsent: bytes | None = None  # the rest of a frame that write_now wrote in part: goes out first
         self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)  # until the upgrade is done
         self._proto: FrameConnection | None = None  # after it
         self._receive_size = receive_size
@@ -183,10 +200,11 @@ class WebSocket:
         proto = self._proto
         assert proto is not None and self._reader == _NOT_STARTED, "run_reader before accept, or twice"
         self._reader = _READING
-        # On a socket, a drained receive buffer is awaited with wait_readable before receive_some: an idle
-        # connection then waits in one small frame instead of the stream's whole receive call chain.
-        sock = self._stream.socket if isinstance(self._stream, trio.SocketStream) else None
+        # On a socket, a drained receive buffer is awaited with wait_readable, then read without waiting: an
+        # idle connection waits in one small frame, and a read costs no further trip through the scheduler.
+        sock = self._sock
         drained = True  # the last read did not fill the buffer: nothing more is likely waiting
+        data: bytes | bytearray | None
         try:
             while True:
                 for event in proto.events():
@@ -201,9 +219,11 @@ class WebSocket:
                         await self._on_close(proto, event)
                         return
                 try:
-                    if drained and sock is not None and sock.fileno() >= 0:  # closed: receive_some says so
-                        await trio.lowlevel.wait_readable(sock)
-                    data = await self._stream.receive_some(self._receive_size)
+                    if sock is None:
+                        data = await self._stream.receive_some(self._receive_size)
+                    elif (data := await self._read(sock, drained)) is None:
+                        drained = True  # woken with nothing to read
+                        continue
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
@@ -218,6 +238,24 @@ class WebSocket:
             self._wake()
             if self._reader_done is not None:
                 self._reader_done.set()
+
+    async def _read(self, sock: trio.socket.SocketType, drained: bool) -> bytes | None:
+        """Up to ``receive_size`` bytes from the socket (``b""`` at its end or once it is closed), None if there
+        was nothing to read after all. Waits for data first if the last read ``drained`` the socket, else only
+        lets the other tasks run (a peer that keeps the buffer full does not starve them)."""
+        if drained:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.checkpoint()
+        fd = sock.fileno()
+        if fd < 0:  # closed by this side meanwhile
+            return b""
+        try:
+            return os.read(fd, self._receive_size)
+        except BlockingIOError:
+            return None
+        except OSError:  # reset by the peer, or the like: the connection is gone
+            return b""
 
     async def _on_data(self, event: TextMessage | BytesMessage) -> None:
         text = isinstance(event, TextMessage)
@@ -303,10 +341,35 @@ class WebSocket:
             if self.closed is not None or proto is None or proto.state is not _OPEN:
                 raise ConnectionClosed(self.closed or ABNORMAL)
             await self._send_all(
-                b"".join(proto.send(TextMessage(data=m) if m else Ping(payload=PING_PAYLOAD)) for m in messages)
+                b"".join(text_frame(m) if m else proto.send(Ping(payload=PING_PAYLOAD)) for m in messages)
             )
         finally:
             self._release()
+
+    def write_now(self, message: str) -> bool:
+        """Write one message (``PING``: a protocol ping) at once, without waiting or a task switch, if nothing
+        else is being written. True if the socket took the frame: all of it, or its first part, the rest kept
+        (:attr:`has_unsent`) to go out first with the next write, which the caller must then make (its
+        writer's ``send_many``). False if it cannot be written that way now: not on a socket, another write
+        in progress or pending, not open, or the socket's buffer full; the caller queues it instead."""
+        sock, proto = self._sock, self._proto
+        if sock is None or self._writing or self._unsent is not None or self.closed is not None:
+            return False
+        if proto is None or proto.state is not _OPEN or (fd := sock.fileno()) < 0:
+            return False
+        data = text_frame(message) if message else proto.send(Ping(payload=PING_PAYLOAD))
+        try:
+            sent = os.write(fd, data)
+        except OSError:  # full (BlockingIOError), or broken: the writer waits, or finds out and closes
+            return False
+        if sent < len(data):
+            self._unsent = data[sent:]
+        return True
+
+    @property
+    def has_unsent(self) -> bool:
+        """Part of a frame from :meth:`write_now` still has to be written."""
+        return self._unsent is not None
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """The close handshake: send a close frame (unless one was sent or received already), wait until
@@ -363,7 +426,22 @@ class WebSocket:
         the connection's writer shields its writes itself (they may be large), and the reader's are single
         control frames of at most 127 bytes, written whole or not at all unless the socket buffer is full
         (and the reader is only cancelled when the connection ends)."""
+        if self._unsent is not None:  # the rest of a frame write_now began goes first
+            data, self._unsent = self._unsent + data, None
         try:
+            sock = self._sock
+            if sock is not None:  # what the socket takes at once is written without waiting; the rest as usual
+                if sock.fileno() < 0:
+                    raise trio.ClosedResourceError
+                try:
+                    sent = os.write(sock.fileno(), data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # EPIPE, ECONNRESET …: the connection is gone
+                    raise trio.BrokenResourceError from None
+                if sent == len(data):
+                    return
+                data = data[sent:]
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._set_closed(ABNORMAL)

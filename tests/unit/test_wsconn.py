@@ -18,6 +18,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as FrameConnection
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -31,7 +32,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from pocketbridge.gateway.wsconn import ConnectionClosed, WebSocket
+from pocketbridge.gateway.wsconn import ConnectionClosed, WebSocket, text_frame
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 MAX_MESSAGE = 1000
@@ -420,3 +421,10 @@ async def test_a_write_to_a_broken_stream_is_connection_closed() -> None:
         with pytest.raises(ConnectionClosed) as exc:
             await ws.send_many(["x"])
         assert exc.value.code == 1006
+
+
+@pytest.mark.parametrize("size", [1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\U0001f600"])
+def test_text_frames_are_the_bytes_wsproto_writes(size: int, char: str) -> None:
+    text = (char * size)[: max(1, size // len(char.encode()))]
+    assert text_frame(text) == FrameConnection(ConnectionType.SERVER).send(TextMessage(data=text))
