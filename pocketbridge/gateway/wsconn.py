@@ -2,7 +2,8 @@
 
 Bytes in, events out. :meth:`WebSocket.receive_request` reads the HTTP upgrade request; the server then
 calls :meth:`~WebSocket.accept` or :meth:`~WebSocket.reject`. After the upgrade, :meth:`~WebSocket.run_reader`
-(one task) reads the stream, feeds wsproto and handles what comes out: it answers pings and the peer's close
+(one task) reads the stream, takes whole small text messages out of it itself (:mod:`.frames`), feeds the rest
+to wsproto and handles what comes out: it answers pings and the peer's close
 frame itself, records pongs for the heartbeat, enforces the message limits, and hands each complete message
 over to :meth:`~WebSocket.get_message` through a one-message slot. So control frames are answered while the
 application processes a message, and a client that sends faster than it is served is held back by TCP
@@ -35,6 +36,7 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError
 
 from ..errors import MESSAGE_TOO_BIG, Close
+from .frames import FrameSplitter
 
 PING = ""  # in send_many: a protocol ping (every text message the server sends is non-empty JSON)
 PING_PAYLOAD = b"pb"
@@ -205,19 +207,9 @@ class WebSocket:
         sock = self._sock
         drained = True  # the last read did not fill the buffer: nothing more is likely waiting
         data: bytes | bytearray | None
+        frames = FrameSplitter()  # small whole text messages are read here, the rest by wsproto
         try:
             while True:
-                for event in proto.events():
-                    if isinstance(event, (TextMessage, BytesMessage)):
-                        if self._accepting:  # after this side closed, the rest is dropped
-                            await self._on_data(event)
-                    elif isinstance(event, Ping):
-                        await self._pong(event)
-                    elif isinstance(event, Pong):
-                        self.last_pong = trio.current_time()
-                    elif isinstance(event, CloseConnection):
-                        await self._on_close(proto, event)
-                        return
                 try:
                     if sock is None:
                         data = await self._stream.receive_some(self._receive_size)
@@ -230,7 +222,14 @@ class WebSocket:
                     self._set_closed(ABNORMAL)
                     return
                 drained = len(data) < self._receive_size
-                proto.receive_data(data if isinstance(data, bytes) else bytes(data))
+                for item in frames.feed(data if isinstance(data, bytes) else bytes(data), self.message_limit):
+                    if isinstance(item, str):
+                        if self._accepting:  # after this side closed, the rest is dropped
+                            await self._deliver(item)
+                    else:
+                        proto.receive_data(item)
+                        if not await self._handle_events(proto):
+                            return
         except ConnectionClosed:  # a write failed: the connection is gone
             pass
         finally:
@@ -238,6 +237,21 @@ class WebSocket:
             self._wake()
             if self._reader_done is not None:
                 self._reader_done.set()
+
+    async def _handle_events(self, proto: FrameConnection) -> bool:
+        """What wsproto made of the bytes handed to it; False once the close handshake ends the reading."""
+        for event in proto.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                if self._accepting:  # after this side closed, the rest is dropped
+                    await self._on_data(event)
+            elif isinstance(event, Ping):
+                await self._pong(event)
+            elif isinstance(event, Pong):
+                self.last_pong = trio.current_time()
+            elif isinstance(event, CloseConnection):
+                await self._on_close(proto, event)
+                return False
+        return True
 
     async def _read(self, sock: trio.socket.SocketType, drained: bool) -> bytes | None:
         """Up to ``receive_size`` bytes from the socket (``b""`` at its end or once it is closed), None if there
