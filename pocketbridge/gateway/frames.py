@@ -5,7 +5,8 @@ parses each with a chain of generators, an incremental UTF-8 decoder and several
 frame costs a header check, one XOR and one strict UTF-8 decode. :class:`FrameSplitter` walks the stream
 frame by frame and splits it into
 
-* ``str``: one whole text message: a final text frame (RFC 6455 §5.2: masked, no reserved bits) that is not
+* ``str``: one whole text message: a final text frame (RFC 6455 §5.2: masked, no reserved bits, its length in
+  the shortest form) that is not
   part of a fragmented message, at most ``FAST_MAX`` bytes and within the connection's message limit, and
   valid UTF-8;
 * ``bytes``: everything else, in order, for wsproto: control frames, binary and fragmented messages, larger
@@ -67,16 +68,19 @@ class FrameSplitter:
                 break
             b0, b1 = buf[pos], buf[pos + 1]
             opcode, length, head = b0 & 0x0F, b1 & 0x7F, 2
+            short = False  # the length not in its shortest form (§5.2 forbids it)
             if length == 126:
                 if n - pos < 4:
                     break
                 length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+                short = length < 126
             elif length == 127:
                 if n - pos < 10:
                     break
                 length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+                short = length < 65536
             head += 4  # the mask
-            if b0 & 0x70 or not b1 & 0x80 or opcode not in _KNOWN_OPCODES or length >> 63:
+            if b0 & 0x70 or not b1 & 0x80 or opcode not in _KNOWN_OPCODES or length >> 63 or short:
                 break  # not allowed: wsproto says so, with its close code
             if opcode == _TEXT and b0 & 0x80 and not self._fragmented and length <= small:
                 end = pos + head + length

@@ -109,7 +109,7 @@ class WebSocket:
         # On a socket the frames are read and written on its file descriptor directly: a read or a write that
         # does not have to wait costs no trip through the scheduler (trio's stream calls yield twice each).
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._unsent: bytes | None = None  # the rest of a frame that write_now wrote in part: goes out first
+        self._unsent: bytes | memoryview | None = None  # the rest of a frame written in part: goes out first
         self._handshake: WSConnection | None = WSConnection(ConnectionType.SERVER)  # until the upgrade is done
         self._proto: FrameConnection | None = None  # after it
         self._receive_size = receive_size
@@ -257,6 +257,8 @@ class WebSocket:
         """Up to ``receive_size`` bytes from the socket (``b""`` at its end or once it is closed), None if there
         was nothing to read after all. Waits for data first if the last read ``drained`` the socket, else only
         lets the other tasks run (a peer that keeps the buffer full does not starve them)."""
+        if sock.fileno() < 0:  # closed by this side (abort) while the reader was busy elsewhere
+            return b""
         if drained:
             await trio.lowlevel.wait_readable(sock)
         else:
@@ -436,28 +438,34 @@ class WebSocket:
             self._write_free = None
 
     async def _send_all(self, data: bytes | bytearray) -> None:
-        """Write under the lock; a broken connection is 1006 and raises ConnectionClosed. Not shielded here:
-        the connection's writer shields its writes itself (they may be large), and the reader's are single
-        control frames of at most 127 bytes, written whole or not at all unless the socket buffer is full
-        (and the reader is only cancelled when the connection ends)."""
-        if self._unsent is not None:  # the rest of a frame write_now began goes first
-            data, self._unsent = self._unsent + data, None
+        """Write under the lock; a broken connection is 1006 and raises ConnectionClosed. Not shielded here
+        (the connection's writer shields its writes itself). On a socket, what the socket takes at once is
+        written without waiting; while the rest waits for room it is kept as unsent, so a write cancelled
+        there (the reader's pong or close frame, when the connection is shed) leaves it to go first with the
+        next write: a frame is never cut on the wire, only by the end of the connection."""
+        if self._unsent is not None:  # the rest of a frame begun earlier goes first
+            data, self._unsent = bytes(self._unsent) + data, None
+        sock = self._sock
         try:
-            sock = self._sock
-            if sock is not None:  # what the socket takes at once is written without waiting; the rest as usual
-                if sock.fileno() < 0:
+            if sock is None:
+                await self._stream.send_all(data)
+                return
+            view, pos = memoryview(data), 0
+            while pos < len(view):
+                if (fd := sock.fileno()) < 0:
                     raise trio.ClosedResourceError
                 try:
-                    sent = os.write(sock.fileno(), data)
+                    pos += os.write(fd, view[pos:])
                 except BlockingIOError:
-                    sent = 0
+                    pass
                 except OSError:  # EPIPE, ECONNRESET …: the connection is gone
                     raise trio.BrokenResourceError from None
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            await self._stream.send_all(data)
+                if pos < len(view):
+                    self._unsent = view[pos:]
+                    await trio.lowlevel.wait_writable(sock)
+                    self._unsent = None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._unsent = None
             self._set_closed(ABNORMAL)
             self._stop_messages()
             raise ConnectionClosed(self.closed or ABNORMAL) from None

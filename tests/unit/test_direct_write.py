@@ -139,3 +139,41 @@ def test_write_now_declines_without_a_socket() -> None:
     a, _ = trio.testing.memory_stream_pair()
     ws = WebSocket(a, max_message_bytes=1 << 20, handshake_message_bytes=1 << 16, max_fragments=64)
     assert ws.write_now('{"n":1}') is False and not ws.has_unsent
+
+
+async def test_a_cancelled_write_keeps_the_rest_of_its_frame_for_the_next_one() -> None:
+    """A write that carries the rest of a frame is cancelled while the socket is full (the reader's pong, or its
+    close frame, when the connection is shed): the rest stays to go first, so the close frame written next
+    follows the whole frame and the peer sees the close code, not a cut frame."""
+    big = '{"big":"' + "c" * 300_000 + '"}'
+    async with on_a_socket() as (conn, writers, client_stream, client):
+        ws = conn.ws
+        assert ws.write_now(big) and ws.has_unsent
+        with trio.move_on_after(0.2) as cancelled:  # nobody reads: the write waits, then is cancelled
+            await ws.send_many([""])
+        assert cancelled.cancelled_caught and ws.has_unsent
+        conn.close(EXPECTED_AUTH)
+        events = await finish_while_the_peer_reads(conn, client_stream, client)
+    assert events[0] == ("text", big)
+    assert events[-1] == ("close", (EXPECTED_AUTH.code, EXPECTED_AUTH.reason))
+
+
+async def test_the_reader_ends_quietly_when_the_socket_is_closed_while_it_waits_for_the_slot() -> None:
+    """Two messages in one read: the reader waits for the slot with the second; the connection is aborted
+    meanwhile (a close that timed out): the reader returns, it does not wait on the closed socket."""
+    a, b = trio.socket.socketpair()
+    server_stream, client_stream = trio.SocketStream(a), trio.SocketStream(b)
+    client = WSConnection(ConnectionType.CLIENT)
+    ws = WebSocket(server_stream, max_message_bytes=1 << 20, handshake_message_bytes=1 << 20, max_fragments=10)
+    await client_stream.send_all(client.send(Request(host="test", target="/ws")))
+    assert await ws.receive_request() is not None
+    await ws.accept()
+    client.receive_data(bytes(await client_stream.receive_some(65536)))
+    assert isinstance(next(client.events()), AcceptConnection)
+    await client_stream.send_all(client.send(TextMessage(data="one")) + client.send(TextMessage(data="two")))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.run_reader)
+            await trio.testing.wait_all_tasks_blocked()  # "one" in the slot, the reader holds "two"
+            await ws.abort()
+    assert ws.closed is not None and ws.closed.code == 1006

@@ -21,6 +21,14 @@ def unmasked_frame(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode, len(payload)]) + payload
 
 
+def long_length_frame(payload: bytes, size_bytes: int) -> bytes:
+    """A masked final text frame whose length is written in 2 or 8 bytes although it would fit in fewer (RFC
+    6455 §5.2 asks for the minimal form; wsproto closes with 1002)."""
+    mask = os.urandom(4)
+    marker = 126 if size_bytes == 2 else 127
+    return bytes([0x81, 0x80 | marker]) + len(payload).to_bytes(size_bytes, "big") + mask + masked(payload, mask)
+
+
 def rsv_frame(payload: bytes) -> bytes:
     frame = bytearray(build_frame(TEXT, payload))
     frame[0] |= 0x40
@@ -46,6 +54,8 @@ frame_lists = st.lists(
                 [build_frame(TEXT, b"ok \xff\xfe bad")],  # invalid UTF-8: 1007
                 [build_frame(TEXT, "caf\u00e9".encode()[:-1])],  # cut inside a character: 1007
                 [rsv_frame(b"x")],  # a reserved bit: 1002
+                [long_length_frame(b"hello", 2)],  # a length not in its shortest form: 1002
+                [long_length_frame(b"x" * 200, 8)],
                 [unmasked_frame(TEXT, b"plain")],  # not masked: 1002
                 [build_frame(CONTINUATION, b"nothing started")],  # 1002
                 [build_frame(TEXT, b"a", fin=False), build_frame(TEXT, b"b")],  # a message inside one: 1002
@@ -139,6 +149,12 @@ def test_after_a_frame_it_does_not_follow_everything_goes_to_wsproto() -> None:
     later = build_frame(TEXT, b"later")
     assert splitter.feed(bad + later, LIMIT) == [bad + later]
     assert splitter.feed(later, LIMIT) == [later]
+
+
+def test_a_length_not_in_its_shortest_form_goes_to_wsproto() -> None:
+    for frame in (long_length_frame(b"hello", 2), long_length_frame(b"hello", 8), long_length_frame(b"y" * 300, 8)):
+        assert FrameSplitter().feed(frame, LIMIT) == [frame]
+        assert with_wsproto_alone([frame]) == [("close", 1002)]
 
 
 def test_unmask_is_rfc_6455_masking() -> None:
