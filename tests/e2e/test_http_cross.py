@@ -324,7 +324,7 @@ async def test_account_deletions_per_user(config_factory):
             assert (await signed(http, bob, bobs, "DELETE", "/api/user")).status_code == 200
 
 
-async def test_admin_rate_limits(config_factory):
+async def test_admin_rate_limits(config_factory, tmp_path):
     config = config_factory(admin={"api_key": ADMIN_KEY, "requests_per_ip_per_minute": 3})
     async with run_daemon(config) as (_, running), http_client(running) as http:
         with trio.fail_after(T):
@@ -335,7 +335,11 @@ async def test_admin_rate_limits(config_factory):
             _assert_rate_limited(r)
             assert r.headers["Cache-Control"] == "no-store"
 
-    config = config_factory(admin={"api_key": ADMIN_KEY, "auth_failures_per_ip_per_minute": 2})
+    # Another deployment (another identity key): with the Redis bus, budgets are shared by every instance of a
+    # deployment, and the first daemon's spent admin budget would still be refilling.
+    config = config_factory(
+        server={"data_dir": str(tmp_path / "other")}, admin={"api_key": ADMIN_KEY, "auth_failures_per_ip_per_minute": 2}
+    )
     async with run_daemon(config) as (_, running), http_client(running) as http:
         with trio.fail_after(T):
             for _ in range(2):
