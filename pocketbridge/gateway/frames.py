@@ -57,6 +57,7 @@ class FrameSplitter:
         n = len(buf)
         pos = 0
         small = min(limit, FAST_MAX)
+        incomplete = False  # stopped at a header not all here yet (else at a frame this class does not follow)
         while pos < n:
             if self._through:
                 k = min(self._through, n - pos)
@@ -65,17 +66,20 @@ class FrameSplitter:
                 self._through -= k
                 continue
             if n - pos < 2:
+                incomplete = True
                 break
             b0, b1 = buf[pos], buf[pos + 1]
             opcode, length, head = b0 & 0x0F, b1 & 0x7F, 2
             short = False  # the length not in its shortest form (§5.2 forbids it)
             if length == 126:
                 if n - pos < 4:
+                    incomplete = True
                     break
                 length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
                 short = length < 126
             elif length == 127:
                 if n - pos < 10:
+                    incomplete = True
                     break
                 length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
                 short = length < 65536
@@ -111,22 +115,13 @@ class FrameSplitter:
         else:
             self._buf = bytearray()
             return self._flush(out, pending)
-        # stopped at a frame this class does not follow: hand over the rest, and everything after it
-        if n - pos and not self._is_incomplete_header(buf, pos):
+        if incomplete:
+            self._buf = buf[pos:]
+        else:  # a frame this class does not follow: hand over the rest, and everything after it
             self._off = True
             pending += buf[pos:]
             self._buf = bytearray()
-        else:
-            self._buf = buf[pos:]
         return self._flush(out, pending)
-
-    @staticmethod
-    def _is_incomplete_header(buf: bytearray, pos: int) -> bool:
-        n = len(buf) - pos
-        if n < 2:
-            return True
-        length = buf[pos + 1] & 0x7F
-        return (length == 126 and n < 4) or (length == 127 and n < 10)
 
     @staticmethod
     def _flush(out: list[str | bytes], pending: bytearray) -> list[str | bytes]:

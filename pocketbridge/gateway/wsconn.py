@@ -10,7 +10,8 @@ application processes a message, and a client that sends faster than it is serve
 (the reader stops reading while the slot is full).
 
 Every write takes the socket's write lock and encodes its frames under it, so frames never interleave and
-nothing goes out after a close frame. Only public wsproto API is used (the upgraded connection is
+nothing goes out after a close frame; :meth:`WebSocket.write_now` writes only while nobody holds the lock,
+in one step without waiting. Only public wsproto API is used (the upgraded connection is
 ``WSConnection.connection``; the HTTP parser is dropped once the upgrade is done).
 """
 
@@ -356,9 +357,7 @@ class WebSocket:
             proto = self._proto
             if self.closed is not None or proto is None or proto.state is not _OPEN:
                 raise ConnectionClosed(self.closed or ABNORMAL)
-            await self._send_all(
-                b"".join(text_frame(m) if m else proto.send(Ping(payload=PING_PAYLOAD)) for m in messages)
-            )
+            await self._send_all(b"".join(self._frame(proto, m) for m in messages))
         finally:
             self._release()
 
@@ -373,7 +372,7 @@ class WebSocket:
             return False
         if proto is None or proto.state is not _OPEN or (fd := sock.fileno()) < 0:
             return False
-        data = text_frame(message) if message else proto.send(Ping(payload=PING_PAYLOAD))
+        data = self._frame(proto, message)
         try:
             sent = os.write(fd, data)
         except OSError:  # full (BlockingIOError), or broken: the writer waits, or finds out and closes
@@ -384,8 +383,14 @@ class WebSocket:
 
     @property
     def has_unsent(self) -> bool:
-        """Part of a frame from :meth:`write_now` still has to be written."""
+        """Part of a frame (begun by :meth:`write_now`, or by a write cancelled while it waited for room) still
+        has to be written; the next write sends it first."""
         return self._unsent is not None
+
+    @staticmethod
+    def _frame(proto: FrameConnection, message: str) -> bytes:
+        """A text message's frame, or a protocol ping's for ``PING``."""
+        return text_frame(message) if message else proto.send(Ping(payload=PING_PAYLOAD))
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         """The close handshake: send a close frame (unless one was sent or received already), wait until
