@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import os
 import socket
 import urllib.parse
@@ -32,18 +31,13 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
+from wsproto.utilities import generate_accept_token
 
 from ..client import ClientError, Closed, DeviceKey
 from .wire import CLOSE, CONTINUATION, PING, PONG, TEXT, TIMEOUT, RawHandshake, UpgradeRejected, build_frame
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RECEIVE_SIZE = 65536
 MAX_MESSAGE = 32 * 1024 * 1024  # like the SDK client: larger is a protocol error here
-
-
-def accept_key(key: bytes) -> str:
-    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 §4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()  # noqa: S324 (the RFC's hash)
 
 
 def parse_frame(buf: bytes | bytearray, pos: int) -> tuple[int, bool, int, int] | None:
@@ -133,7 +127,7 @@ class LeanSocket:
         if len(status) < 2 or status[1] != "101":
             raise UpgradeRejected(int(status[1]) if len(status) > 1 and status[1].isdigit() else 0)
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
-        if headers.get("sec-websocket-accept") != accept_key(key):
+        if headers.get("sec-websocket-accept") != generate_accept_token(key).decode():
             raise ClientError("upgrade answer with a wrong Sec-WebSocket-Accept")
 
     # --- reading ------------------------------------------------------------------------------------------
@@ -171,7 +165,9 @@ class LeanSocket:
                     raise ClientError("protocol error: a new message inside a fragmented one")
                 if fin and self._parts is None:
                     return payload.decode("utf-8")
-                self._parts = (self._parts or []) + [payload]
+                if self._parts is None:
+                    self._parts = []
+                self._parts.append(payload)
                 if fin:
                     parts, self._parts = self._parts, None
                     return b"".join(parts).decode("utf-8")
@@ -262,14 +258,13 @@ class LeanSocket:
 class LeanClient:
     """A handshaken session: the socket, and what the relay generator needs of the session."""
 
-    __slots__ = ("ws", "device_id", "user_id", "next_seq", "established")
+    __slots__ = ("ws", "device_id", "user_id", "next_seq")
 
     def __init__(self, ws: LeanSocket, key: DeviceKey, device_id: str, established: dict[str, Any]) -> None:
         self.ws = ws
         self.device_id = device_id
         self.user_id = str(established.get("user_id") or key.public_hex)
         self.next_seq = int(established["last_ack_device_seq"]) + 1
-        self.established = established
 
     def take_seq(self) -> int:
         seq = self.next_seq

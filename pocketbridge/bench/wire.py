@@ -40,6 +40,7 @@ from wsproto.events import (
 )
 
 from ..client import DeviceKey, new_device_id
+from ..gateway.frames import unmask
 from ..protocol.handshake import digest_c, digest_s
 
 TIMEOUT = 5.0  # the default bound on every single wait
@@ -244,13 +245,7 @@ class UpgradeRejected(Exception):
         self.status_code = status_code
 
 
-def masked(payload: bytes, mask: bytes) -> bytes:
-    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455 §5.3)."""
-    n = len(payload)
-    if n == 0:
-        return b""
-    key = (mask * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+masked = unmask  # RFC 6455 §5.3: masking and unmasking are the same XOR
 
 
 def build_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:

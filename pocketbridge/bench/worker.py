@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from ..client import ClientError, DeviceKey, connect, new_device_id, new_event_id
+from ..client import ClientError, DeviceKey, connect, event_message, new_device_id
 from ..protocol.envelope import encode
 from . import lean
 from .lean import LeanClient
@@ -255,16 +255,10 @@ class UserRig:
         up.sent += 1
         seq = sender.take_seq()
         self.inflight[seq] = (counter, t_ns)
-        body = {
-            "event_id": new_event_id(),
-            "user_id": sender.user_id,
-            "device_id": sender.device_id,
-            "device_seq": seq,
-            "stream_id": STREAM,
-            "type": TYPE,
-            "encrypted_payload": base64.b64encode(make_payload(ph.id, counter, t_ns, payload_bytes)).decode(),
-        }
-        await sender.ws.send_message(encode({"type": "event", "payload": body}))
+        message = event_message(
+            sender.user_id, sender.device_id, seq, STREAM, TYPE, make_payload(ph.id, counter, t_ns, payload_bytes)
+        )
+        await sender.ws.send_message(encode(message))
 
     async def _sending(self, send: Callable[[], Awaitable[None]]) -> None:
         """Run ``send``, then wait for the acks of what is in flight; stopped (and reported) if the sender's

@@ -47,6 +47,7 @@ __all__ = [
     "ReplayResult",
     "ServerKeyMismatch",
     "connect",
+    "event_message",
     "new_device_id",
     "new_event_id",
 ]
@@ -85,6 +86,33 @@ def new_event_id() -> str:
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
     return str(uuid.UUID(int=value))
+
+
+def event_message(
+    user_id: str,
+    device_id: str,
+    device_seq: int,
+    stream_id: str,
+    event_type: str,
+    payload: bytes,
+    *,
+    ttl: int | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """The ``event`` message of a device (protocol.md §5.1); ``payload`` goes base64-encoded, ``event_id`` is a
+    new UUIDv7 unless given."""
+    body: dict[str, Any] = {
+        "event_id": event_id or new_event_id(),
+        "user_id": user_id,
+        "device_id": device_id,
+        "device_seq": device_seq,
+        "stream_id": stream_id,
+        "type": event_type,
+        "encrypted_payload": base64.b64encode(payload).decode(),
+    }
+    if ttl is not None:
+        body["ttl"] = ttl
+    return {"type": "event", "payload": body}
 
 
 class DeviceKey:
@@ -269,21 +297,12 @@ class Client:
     ) -> tuple[int, str, _Pending]:
         """Send an event without waiting; returns (device_seq, event_id, pending) — see :meth:`wait_ack`."""
         seq = self.next_device_seq() if device_seq is None else device_seq
-        eid = event_id or new_event_id()
-        body: dict[str, Any] = {
-            "event_id": eid,
-            "user_id": self.user_id,
-            "device_id": self.device_id,
-            "device_seq": seq,
-            "stream_id": stream_id,
-            "type": event_type,
-            "encrypted_payload": base64.b64encode(payload).decode(),
-        }
-        if ttl is not None:
-            body["ttl"] = ttl
+        message = event_message(
+            self.user_id, self.device_id, seq, stream_id, event_type, payload, ttl=ttl, event_id=event_id
+        )
         pending = self._pending.setdefault(seq, _Pending())
-        await self._send({"type": "event", "payload": body})
-        return seq, eid, pending
+        await self._send(message)
+        return seq, message["payload"]["event_id"], pending
 
     async def wait_ack(self, seq: int, pending: _Pending) -> Ack:
         with trio.fail_after(self.reply_timeout):

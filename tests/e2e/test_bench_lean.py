@@ -12,22 +12,14 @@ import trio
 
 from pocketbridge.bench import lean
 from pocketbridge.bench.wire import CLOSE, CONTINUATION, PING, PONG, TEXT, UpgradeRejected, masked
-from pocketbridge.client import ClientError, Closed, DeviceKey, connect, new_device_id, new_event_id
+from pocketbridge.client import ClientError, Closed, DeviceKey, connect, event_message, new_device_id
 from pocketbridge.protocol.envelope import encode
 from tests.conftest import make_config, run_daemon
 
 
-def event_frame(client: lean.LeanClient, payload_b64: str = "AAEC") -> str:
-    body = {
-        "event_id": new_event_id(),
-        "user_id": client.user_id,
-        "device_id": client.device_id,
-        "device_seq": client.take_seq(),
-        "stream_id": "clipboard:main",
-        "type": "clipboard:text",
-        "encrypted_payload": payload_b64,
-    }
-    return encode({"type": "event", "payload": body})
+def event_frame(client: lean.LeanClient) -> str:
+    seq = client.take_seq()
+    return encode(event_message(client.user_id, client.device_id, seq, "clipboard:main", "clipboard:text", b"\0\1\2"))
 
 
 async def test_an_event_is_relayed_acked_and_not_replayed_again(tmp_path: Path) -> None:
@@ -184,4 +176,3 @@ def test_parse_frame_waits_for_whole_headers_and_payloads() -> None:
     assert lean.parse_frame(b"??" + long, 2) == (TEXT, True, 6, 306)
     assert lean.parse_frame(huge_header, 0) is None
     assert lean.parse_frame(huge_header + b"y" * 70000, 0) == (TEXT, True, 10, 70010)
-    assert lean.accept_key(b"dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3

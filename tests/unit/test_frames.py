@@ -11,7 +11,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from pocketbridge.bench.wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, build_frame, masked
-from pocketbridge.gateway.frames import FAST_MAX, FrameSplitter
+from pocketbridge.gateway.frames import FAST_MAX, FrameSplitter, unmask
 
 LIMIT = 1 << 20
 
@@ -158,7 +158,9 @@ def test_a_length_not_in_its_shortest_form_goes_to_wsproto() -> None:
 
 
 def test_unmask_is_rfc_6455_masking() -> None:
+    """RFC 6455 §5.7: a masked "Hello" from a client; and unmasking twice gives the payload back."""
+    frame = bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    assert unmask(frame[6:], frame[2:6]) == b"Hello"
+    assert FrameSplitter().feed(frame, LIMIT) == ["Hello"]
     payload, mask = os.urandom(1001), os.urandom(4)
-    from pocketbridge.gateway.frames import unmask
-
-    assert unmask(masked(payload, mask), mask) == payload
+    assert unmask(unmask(payload, mask), mask) == payload
