@@ -99,6 +99,8 @@ def bench_overrides(
         ("limits", "ws_connects_per_ip_per_minute"): BIG,
         ("limits", "handshakes_per_ip_per_minute"): BIG,
         ("limits", "max_devices_per_user"): max(5, devices + 2),
+        # the replay scenario measures replays of any --replay-events, not the full-resync answer (§6.5)
+        ("replay", "full_resync_threshold"): BIG,
         ("drain", "window"): 0.5,
         ("drain", "deadline"): 3,
         ("log", "level"): log_level,

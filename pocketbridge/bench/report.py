@@ -152,6 +152,9 @@ def replay(rp: dict[str, Any]) -> list[str]:
         cpu = f"client CPU {num(x['client_cpu_pct'], 0)}%"
         if x.get("daemon_cpu_pct") is not None:
             cpu += f", daemon CPU {num(x['daemon_cpu_pct'], 0)}%"
+        if x.get("full_resync"):
+            lines.append(f"  page size {x['page_size']:>5}: full_resync_required instead of a replay; {cpu}")
+            continue
         lines.append(
             f"  page size {x['page_size']:>5}: {x['received']:,} events in {x['pages']} pages, "
             f"{x['seconds']:.3f} s = {num(x['events_per_s'])} events/s; dup {x['duplicates']}, "

@@ -194,3 +194,15 @@ def test_bench_instances_need_postgres_and_redis(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--instances 2 needs --backend postgres --bus redis" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_replays_more_events_than_the_full_resync_threshold(tmp_path: Path) -> None:
+    """The benchmark daemon's ``full_resync_threshold`` (10,000 by default) is lifted: a replay of 10,050
+    events is measured as a replay, not answered with ``full_resync_required`` and counted as lost."""
+    proc, summary = _bench(tmp_path, "--quick", "--scenario", "replay", "--replay-events", "10050")
+    replay = summary["scenarios"]["replay"]
+    assert replay["stored"] == 10050 and replay["losses"] == 0 and replay["duplicates"] == 0
+    for run in replay["runs"]:
+        assert not run["full_resync"] and run["received"] == 10050, run
+    assert "full_resync_required" not in proc.stdout
