@@ -1,4 +1,4 @@
-"""A lean WebSocket client for the relay load generator.
+"""A lean WebSocket client for the load generator (the relay and replay scenarios).
 
 The benchmark's load generator runs on the same cores as the daemon. With the SDK client (trio-websocket, a
 reader task and two memory channels per connection, a nursery per awaited ack), each generator process
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 import socket
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -33,7 +35,8 @@ from typing import Any
 import trio
 from wsproto.utilities import generate_accept_token
 
-from ..client import ClientError, Closed, DeviceKey
+from ..client import ClientError, Closed, DeviceKey, ReceivedEvent, ReplayResult
+from ..protocol.envelope import encode
 from .wire import CLOSE, CONTINUATION, PING, PONG, TEXT, TIMEOUT, RawHandshake, UpgradeRejected, build_frame
 
 RECEIVE_SIZE = 65536
@@ -256,7 +259,7 @@ class LeanSocket:
 
 
 class LeanClient:
-    """A handshaken session: the socket, and what the relay generator needs of the session."""
+    """A handshaken session: the socket, and what the relay and replay generators need of the session."""
 
     __slots__ = ("ws", "device_id", "user_id", "next_seq")
 
@@ -270,6 +273,59 @@ class LeanClient:
         seq = self.next_seq
         self.next_seq += 1
         return seq
+
+    async def request(self, message: dict[str, Any], replies: frozenset[str]) -> dict[str, Any]:
+        """Send ``message`` and return the next message whose type is in ``replies`` (others are skipped:
+        notices, live events); bounded by the socket's timeout. An ``error`` message raises ClientError."""
+        await self.ws.send_message(encode(message))
+        with trio.fail_after(self.ws.timeout):
+            while True:
+                reply = json.loads(await self.ws.get_message())
+                kind = reply.get("type")
+                if kind in replies:
+                    return reply
+                if kind == "error":
+                    raise ClientError(f"error reply: {(reply.get('payload') or {}).get('code')}")
+
+    async def ping(self) -> int:
+        """A ping; returns once its pong is back (the server has handled everything sent before it)."""
+        pong = await self.request({"type": "ping", "payload": {"timestamp": int(time.time() * 1000)}}, PONG_REPLY)
+        return int(pong["payload"]["timestamp"])
+
+    async def replay(self, *, limit: int, ack: bool = True) -> ReplayResult:
+        """Replay everything missed (protocol.md §6), page by page, following continuation tokens, as the SDK's
+        ``Client.replay`` does; each event is acked on its own frame by ``device_seq`` only, as web clients do."""
+        events: list[ReceivedEvent] = []
+        token: str | None = None
+        pages = 0
+        total: int | None = None
+        while True:
+            params: dict[str, Any] = {"last_ack_device_seq": self.next_seq - 1, "limit": limit}
+            if token is not None:
+                params["continuation_token"] = token
+            msg = await self.request(
+                {"type": "replay_request", "payload": {"type": "replay_request", **params}}, REPLAY_REPLIES
+            )
+            if msg["type"] == "full_resync_required":
+                return ReplayResult(events, pages, total, msg["payload"])
+            if msg["type"] != "replay_response":
+                raise ClientError("replay failed")
+            payload = msg["payload"]
+            pages += 1
+            if total is None:
+                total = payload.get("total_events")
+            for raw in payload["events"]:
+                events.append(ReceivedEvent.from_wire(raw))
+                if ack:
+                    await self.ws.send_message(ACK % int(raw["device_seq"]))
+            if not payload["has_more"]:
+                return ReplayResult(events, pages, total)
+            token = payload["continuation_token"]
+
+
+ACK = '{"type":"ack","payload":{"device_seq":%d}}'
+PONG_REPLY = frozenset({"pong"})
+REPLAY_REPLIES = frozenset({"replay_response", "full_resync_required", "replay_failed"})
 
 
 @asynccontextmanager

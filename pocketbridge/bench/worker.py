@@ -574,7 +574,7 @@ class Worker:
             )
             pid = cmd.get("daemon_pid")
             for page_size in cmd["page_sizes"]:
-                async with connect(replay_url, rig.key, new_device_id(), ack_event_ids=False) as device:
+                async with lean.connect(replay_url, rig.key, new_device_id(), device_type=None) as device:
                     cpu0 = own_cpu()
                     daemon0 = cpu_seconds(pid) if pid else None
                     t0 = time.perf_counter()

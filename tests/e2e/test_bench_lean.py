@@ -69,6 +69,34 @@ async def test_an_event_is_relayed_acked_and_not_replayed_again(tmp_path: Path) 
                 assert (await again.replay()).events == []
 
 
+async def test_replay_pages_acks_and_a_full_resync(tmp_path: Path) -> None:
+    """``LeanClient.replay`` follows continuation tokens, acks each event (a second replay of the same device
+    finds nothing) and returns the ``full_resync_required`` payload when too many events were missed."""
+    key = DeviceKey.generate()
+    replayer_id = new_device_id()
+    config = make_config(tmp_path / "data", replay={"full_resync_threshold": 30})
+    async with run_daemon(config) as (_, running):
+        with trio.fail_after(20):
+            async with connect(running.ws_url, key, new_device_id()) as sender:
+                for i in range(25):
+                    await sender.send_event("clipboard:main", "clipboard:text", bytes([i]))
+            async with lean.connect(running.ws_url, key, replayer_id, device_type=None) as device:
+                result = await device.replay(limit=7)
+                assert result.full_resync is None and result.pages == 4 and result.total_events == 25
+                assert [e.payload for e in result.events] == [bytes([i]) for i in range(25)]
+                assert await device.ping() > 0  # every ack before it was handled
+            async with lean.connect(running.ws_url, key, replayer_id, device_type=None) as device:
+                again = await device.replay(limit=7)
+                assert again.events == [] and again.full_resync is None
+            async with connect(running.ws_url, key, new_device_id()) as sender:
+                for i in range(31):
+                    await sender.send_event("clipboard:main", "clipboard:text", bytes([i]))
+            async with lean.connect(running.ws_url, key, new_device_id(), device_type=None) as fresh:
+                resync = await fresh.replay(limit=100)
+                assert resync.events == [] and resync.pages == 0
+                assert resync.full_resync is not None and resync.full_resync["reason"] == "too_many_events"
+
+
 async def test_pings_are_answered_and_a_server_close_is_raised(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", ws={"ping_interval": 0.2, "pong_timeout": 1.0})
     async with run_daemon(config) as (_, running):
