@@ -35,7 +35,16 @@ from typing import Any
 import trio
 from wsproto.utilities import generate_accept_token
 
-from ..client import ClientError, Closed, DeviceKey, ReceivedEvent, ReplayResult
+from ..client import (
+    REPLAY_REPLIES,
+    ClientError,
+    Closed,
+    DeviceKey,
+    ReceivedEvent,
+    ReplayResult,
+    follow_replay,
+    replay_request,
+)
 from ..protocol.envelope import encode
 from .wire import CLOSE, CONTINUATION, PING, PONG, TEXT, TIMEOUT, RawHandshake, UpgradeRejected, build_frame
 
@@ -293,39 +302,20 @@ class LeanClient:
         return int(pong["payload"]["timestamp"])
 
     async def replay(self, *, limit: int, ack: bool = True) -> ReplayResult:
-        """Replay everything missed (protocol.md §6), page by page, following continuation tokens, as the SDK's
-        ``Client.replay`` does; each event is acked on its own frame by ``device_seq`` only, as web clients do."""
-        events: list[ReceivedEvent] = []
-        token: str | None = None
-        pages = 0
-        total: int | None = None
-        while True:
-            params: dict[str, Any] = {"last_ack_device_seq": self.next_seq - 1, "limit": limit}
-            if token is not None:
-                params["continuation_token"] = token
-            msg = await self.request(
-                {"type": "replay_request", "payload": {"type": "replay_request", **params}}, REPLAY_REPLIES
-            )
-            if msg["type"] == "full_resync_required":
-                return ReplayResult(events, pages, total, msg["payload"])
-            if msg["type"] != "replay_response":
-                raise ClientError("replay failed")
-            payload = msg["payload"]
-            pages += 1
-            if total is None:
-                total = payload.get("total_events")
-            for raw in payload["events"]:
-                events.append(ReceivedEvent.from_wire(raw))
-                if ack:
-                    await self.ws.send_message(ACK % int(raw["device_seq"]))
-            if not payload["has_more"]:
-                return ReplayResult(events, pages, total)
-            token = payload["continuation_token"]
+        """Replay everything missed (protocol.md §6) as the SDK's ``Client.replay`` does; each event is acked on
+        its own frame by ``device_seq`` only, as web clients do."""
+
+        async def page(token: str | None) -> dict[str, Any]:
+            return await self.request(replay_request(self.next_seq - 1, limit=limit, token=token), REPLAY_REPLIES)
+
+        async def ack_event(event: ReceivedEvent) -> None:
+            await self.ws.send_message(ACK % event.device_seq)
+
+        return await follow_replay(page, ack_event if ack else None)
 
 
 ACK = '{"type":"ack","payload":{"device_seq":%d}}'
 PONG_REPLY = frozenset({"pong"})
-REPLAY_REPLIES = frozenset({"replay_response", "full_resync_required", "replay_failed"})
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,8 +48,10 @@ __all__ = [
     "ServerKeyMismatch",
     "connect",
     "event_message",
+    "follow_replay",
     "new_device_id",
     "new_event_id",
+    "replay_request",
 ]
 
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -182,6 +184,53 @@ class ReplayResult:
     pages: int
     total_events: int | None
     full_resync: dict[str, Any] | None = None  # the full_resync_required payload, if sent
+
+
+REPLAY_REPLIES = frozenset({"replay_response", "full_resync_required", "replay_failed"})
+
+
+def replay_request(
+    last_ack_device_seq: int, *, limit: int | None = None, token: str | None = None, flat: bool = False
+) -> dict[str, Any]:
+    """A ``replay_request`` message (protocol.md §6.1): wrapped in ``payload`` as web clients send it, or flat."""
+    params: dict[str, Any] = {"last_ack_device_seq": last_ack_device_seq}
+    if limit is not None:
+        params["limit"] = limit
+    if token is not None:
+        params["continuation_token"] = token
+    if flat:
+        return {"type": "replay_request", **params}
+    return {"type": "replay_request", "payload": {"type": "replay_request", **params}}
+
+
+async def follow_replay(
+    page: Callable[[str | None], Awaitable[dict[str, Any]]],
+    on_event: Callable[[ReceivedEvent], Awaitable[None]] | None = None,
+) -> ReplayResult:
+    """Follow a replay page by page: ``page(token)`` sends one ``replay_request`` (the continuation token of the
+    page before, or None) and returns its reply; ``on_event`` (an ack) is awaited for each event, in order."""
+    events: list[ReceivedEvent] = []
+    token: str | None = None
+    pages = 0
+    total: int | None = None
+    while True:
+        msg = await page(token)
+        if msg["type"] == "full_resync_required":
+            return ReplayResult(events, pages, total, msg["payload"])
+        if msg["type"] != "replay_response":
+            raise ClientError("replay failed")
+        payload = msg["payload"]
+        pages += 1
+        if total is None:
+            total = payload.get("total_events")
+        for raw in payload["events"]:
+            event = ReceivedEvent.from_wire(raw)
+            events.append(event)
+            if on_event is not None:
+                await on_event(event)
+        if not payload["has_more"]:
+            return ReplayResult(events, pages, total)
+        token = payload["continuation_token"]
 
 
 class _Pending:
@@ -334,7 +383,7 @@ class Client:
                         pending.done.set()
                 elif kind == "event":
                     await self._events_send.send(ReceivedEvent.from_wire(payload))
-                elif kind in ("replay_response", "full_resync_required", "replay_failed", "pong"):
+                elif kind in REPLAY_REPLIES or kind == "pong":
                     await self._replies_send.send(msg)
                 else:
                     # notices are informational; a slow reader loses the newest ones
@@ -434,40 +483,16 @@ class Client:
         self, *, limit: int | None = None, token: str | None = None, flat: bool = False
     ) -> dict[str, Any]:
         """One ``replay_request``; returns the reply message (replay_response, full_resync_required, replay_failed)."""
-        params: dict[str, Any] = {"last_ack_device_seq": self.last_ack_device_seq}
-        if limit is not None:
-            params["limit"] = limit
-        if token is not None:
-            params["continuation_token"] = token
-        wrapped = {"type": "replay_request", "payload": {"type": "replay_request", **params}}
-        message = {"type": "replay_request", **params} if flat else wrapped
-        await self._send(message)
+        await self._send(replay_request(self.last_ack_device_seq, limit=limit, token=token, flat=flat))
         return await self._reply()
 
     async def replay(self, *, limit: int | None = None, ack: bool = True) -> ReplayResult:
         """Replay everything missed, following continuation tokens; acks each event (as web clients do)."""
-        events: list[ReceivedEvent] = []
-        token: str | None = None
-        pages = 0
-        total: int | None = None
-        while True:
-            msg = await self.replay_page(limit=limit, token=token)
-            if msg["type"] == "full_resync_required":
-                return ReplayResult(events, pages, total, msg["payload"])
-            if msg["type"] != "replay_response":
-                raise ClientError("replay failed")
-            payload = msg["payload"]
-            pages += 1
-            if total is None:
-                total = payload.get("total_events")
-            for raw in payload["events"]:
-                event = ReceivedEvent.from_wire(raw)
-                events.append(event)
-                if ack:
-                    await self.ack(event)
-            if not payload["has_more"]:
-                return ReplayResult(events, pages, total)
-            token = payload["continuation_token"]
+
+        async def page(token: str | None) -> dict[str, Any]:
+            return await self.replay_page(limit=limit, token=token)
+
+        return await follow_replay(page, self.ack if ack else None)
 
     async def close(self) -> None:
         await self.ws.aclose()
