@@ -45,6 +45,7 @@ from ..client import (
     follow_replay,
     replay_request,
 )
+from ..gateway.frames import payload_length
 from ..protocol.envelope import encode
 from .wire import CLOSE, CONTINUATION, PING, PONG, TEXT, TIMEOUT, RawHandshake, UpgradeRejected, build_frame
 
@@ -55,28 +56,18 @@ MAX_MESSAGE = 32 * 1024 * 1024  # like the SDK client: larger is a protocol erro
 def parse_frame(buf: bytes | bytearray, pos: int) -> tuple[int, bool, int, int] | None:
     """The server frame at ``buf[pos:]``: ``(opcode, fin, payload start, payload end)``, or None while it is
     incomplete. A masked frame or reserved bits raise :class:`ClientError` (RFC 6455 §5.1, §5.2)."""
-    n = len(buf)
-    if n - pos < 2:
+    header = payload_length(buf, pos)
+    if header is None:
         return None
-    b0, b1 = buf[pos], buf[pos + 1]
-    if b0 & 0x70 or b1 & 0x80:
+    b0 = buf[pos]
+    if b0 & 0x70 or buf[pos + 1] & 0x80:
         raise ClientError("protocol error: reserved bits or a masked frame from the server")
-    length = b1 & 0x7F
-    start = pos + 2
-    if length == 126:
-        if n - pos < 4:
-            return None
-        length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-        start = pos + 4
-    elif length == 127:
-        if n - pos < 10:
-            return None
-        length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-        start = pos + 10
+    length, head, _ = header
     if length > MAX_MESSAGE:
         raise ClientError("protocol error: frame too large")
+    start = pos + head
     end = start + length
-    if n < end:
+    if len(buf) < end:
         return None
     return b0 & 0x0F, bool(b0 & 0x80), start, end
 

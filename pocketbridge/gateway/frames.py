@@ -35,6 +35,22 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
 
 
+def payload_length(buf: bytes | bytearray, pos: int) -> tuple[int, int, bool] | None:
+    """The frame header at ``buf[pos:]`` (RFC 6455 §5.2): ``(payload length, header bytes before any mask,
+    whether the length is in its shortest form)``, or None while the header is not all here."""
+    n = len(buf) - pos
+    if n < 2:
+        return None
+    length = buf[pos + 1] & 0x7F
+    if length < 126:
+        return length, 2, True
+    size = 2 if length == 126 else 8
+    if n < 2 + size:
+        return None
+    length = int.from_bytes(buf[pos + 2 : pos + 2 + size], "big")
+    return length, 2 + size, length >= (126 if size == 2 else 65536)
+
+
 class FrameSplitter:
     """Splits a client's stream into whole small text messages and bytes for wsproto (see the module)."""
 
@@ -65,26 +81,15 @@ class FrameSplitter:
                 pos += k
                 self._through -= k
                 continue
-            if n - pos < 2:
+            header = payload_length(buf, pos)
+            if header is None:
                 incomplete = True
                 break
+            length, head, shortest = header
             b0, b1 = buf[pos], buf[pos + 1]
-            opcode, length, head = b0 & 0x0F, b1 & 0x7F, 2
-            short = False  # the length not in its shortest form (§5.2 forbids it)
-            if length == 126:
-                if n - pos < 4:
-                    incomplete = True
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
-                short = length < 126
-            elif length == 127:
-                if n - pos < 10:
-                    incomplete = True
-                    break
-                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
-                short = length < 65536
+            opcode = b0 & 0x0F
             head += 4  # the mask
-            if b0 & 0x70 or not b1 & 0x80 or opcode not in _KNOWN_OPCODES or length >> 63 or short:
+            if b0 & 0x70 or not b1 & 0x80 or opcode not in _KNOWN_OPCODES or length >> 63 or not shortest:
                 break  # not allowed: wsproto says so, with its close code
             if opcode == _TEXT and b0 & 0x80 and not self._fragmented and length <= small:
                 end = pos + head + length

@@ -11,7 +11,7 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 from pocketbridge.bench.wire import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, build_frame, masked
-from pocketbridge.gateway.frames import FAST_MAX, FrameSplitter, unmask
+from pocketbridge.gateway.frames import FAST_MAX, FrameSplitter, payload_length, unmask
 
 LIMIT = 1 << 20
 
@@ -164,3 +164,15 @@ def test_unmask_is_rfc_6455_masking() -> None:
     assert FrameSplitter().feed(frame, LIMIT) == ["Hello"]
     payload, mask = os.urandom(1001), os.urandom(4)
     assert unmask(unmask(payload, mask), mask) == payload
+
+
+def test_payload_length_reads_every_length_form() -> None:
+    assert payload_length(b"\x81", 0) is None  # one byte: no header yet
+    assert payload_length(b"\x81\x7d", 0) == (125, 2, True)
+    assert payload_length(b"\x81\xfe\x00", 0) is None  # the 16-bit length not all here
+    assert payload_length(b"\x81\xfe\x00\x7e", 0) == (126, 4, True)
+    assert payload_length(b"\x81\x7e\x00\x7d", 0) == (125, 4, False)  # 125 in 16 bits: not the shortest form
+    assert payload_length(b"\x81\x7f" + (65535).to_bytes(8, "big"), 0) == (65535, 10, False)
+    assert payload_length(b"\x81\x7f" + (65536).to_bytes(8, "big"), 0) == (65536, 10, True)
+    assert payload_length(b"\x81\x7f" + bytes(7), 0) is None
+    assert payload_length(b"xx\x81\x05", 2) == (5, 2, True)  # read at pos
